@@ -1,0 +1,1 @@
+"""The method-agnostic core: registry, config, targeting, injection, PeftModel, merge and checkpoint I/O."""

@@ -1,0 +1,185 @@
+"""AdapterLayer: a module that wraps ``base_layer`` and keeps one set of parameters per adapter name.
+
+Every "wrap" method's layers derive from it (LoRA, (IA)3, bottleneck adapters...), and so does
+:class:`ModulesToSave`. The core finds adapters by ``isinstance(m, AdapterLayer)``; it never searches
+parameter names for a substring. A layer lists its own adapter containers in ``adapter_param_names``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from peftkit.errors import MergeError
+
+BASE = "__base__"  # per-row adapter name meaning "no adapter"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per-row adapters for one forward pass: row i uses ``names[index[i]]`` (``BASE`` = none)."""
+
+    names: tuple[str, ...]
+    index: torch.Tensor  # (B,) long
+
+    def rows(self, batch: int) -> torch.Tensor:
+        """The index for a batch of ``batch`` rows; beam search / sampling repeat each row k times."""
+        n = self.index.numel()
+        if batch == n:
+            return self.index
+        if batch % n == 0:
+            return self.index.repeat_interleave(batch // n)
+        raise ValueError(f"per-row adapter_names has {n} entries but a layer saw a batch of {batch} rows")
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapter wrapper. Subclasses set ``adapter_param_names`` and implement
+    ``update_layer`` and ``forward``; merging methods also implement ``merge`` / ``unmerge``."""
+
+    # Attributes (ModuleDict / ParameterDict keyed by adapter name) holding this layer's adapter tensors.
+    adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    # Other per-adapter dict attributes (dropout modules, scalings) to clean up on delete.
+    adapter_other_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.routing: Routing | None = None
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: Any, module_name: str) -> None:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement update_layer")
+
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_param_names:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    def get_base_layer(self) -> nn.Module:
+        base = self.base_layer
+        while isinstance(base, AdapterLayer):
+            base = base.base_layer
+        return base
+
+    def set_adapter(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapter_names]
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = []
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            params.extend([item] if isinstance(item, nn.Parameter) else item.parameters())
+        return params
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        for attr in (*self.adapter_param_names, *self.adapter_other_names):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # ---- state dict (relative keys, no adapter name: the checkpoint layout) ---------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item
+            else:
+                out.update({f"{attr}.{k}": v for k, v in item.state_dict(keep_vars=True).items()})
+        return out
+
+    # ---- merging ----------------------------------------------------------------------------------------
+    def merge(self, adapter_names: list[str]) -> None:
+        raise MergeError(f"{type(self).__name__} cannot be merged into the base weights.")
+
+    def unmerge(self) -> None:
+        if self.merged_adapters:
+            raise MergeError(f"{type(self).__name__} cannot unmerge.")
+
+    def unload(self, merge: bool) -> nn.Module:
+        """The module that replaces this wrapper when adapters are removed (merged in first if ``merge``)."""
+        if merge:
+            self.merge([n for n in self.active_adapters if n not in self.merged_adapters])
+        else:
+            self.unmerge()
+        return self.base_layer
+
+    # ---- forward helpers ----------------------------------------------------------------------------------
+    def live_adapters(self) -> list[str]:
+        """Active adapters whose effect is not already in the base weights."""
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    def routed_groups(self, batch: int) -> list[tuple[str, torch.Tensor]]:
+        """(adapter name, row indices) for each adapter present in the per-row routing, BASE excluded."""
+        assert self.routing is not None
+        rows = self.routing.rows(batch)
+        groups = []
+        for k, name in enumerate(self.routing.names):
+            if name == BASE or name not in self.adapter_names:
+                continue
+            idx = (rows == k).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                groups.append((name, idx))
+        return groups
+
+
+class ModulesToSave(AdapterLayer):
+    """A trainable copy of a whole module per adapter (e.g. a classifier head), saved with the adapter."""
+
+    adapter_param_names = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: Any = None, module_name: str = "") -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        # peft's layout: the copy's tensors under the module's own name.
+        return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
+
+    def _current(self) -> nn.Module:
+        live = [n for n in self.active_adapters if not self.disabled]
+        return self.modules_to_save[live[-1]] if live else self.base_layer
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing is None or self.disabled:
+            return self._current()(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        groups = self.routed_groups(x.shape[0])
+        if not groups:
+            return out
+        out = out.clone()
+        for name, idx in groups:
+            out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs).to(out.dtype)
+        return out
+
+    def merge(self, adapter_names: list[str]) -> None:
+        """Nothing to fold: the copy already replaces the module; merged output equals unmerged output."""
+
+    def unmerge(self) -> None:
+        """Nothing to undo (see merge)."""
+
+    def unload(self, merge: bool) -> nn.Module:
+        return self._current() if merge else self.base_layer

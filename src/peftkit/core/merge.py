@@ -1,0 +1,43 @@
+"""Merge, unmerge and unload over every adapter layer of a model.
+
+Each layer merges as a composition and its exact inverse (``W + ΔW`` / ``W - ΔW``, ``W * s`` / ``W / s``),
+so unmerge restores the base weights to float tolerance. Merging is always an explicit call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from peftkit.core.inject import replace_module
+from peftkit.core.layer import AdapterLayer
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """(name, layer) for every adapter layer, outermost first (a wrapper before any wrapper inside it)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def merge_layers(model: nn.Module, adapter_names: Iterable[str]) -> None:
+    names = list(adapter_names)
+    for _, layer in adapter_layers(model):
+        todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
+        if todo:
+            layer.merge(todo)
+
+
+def unmerge_layers(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def merged_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(n for _, layer in adapter_layers(model) for n in layer.merged_adapters))
+
+
+def unload_layers(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every adapter layer by what it wraps (after merging its active adapters if ``merge``)."""
+    for name, layer in reversed(adapter_layers(model)):  # innermost first
+        replace_module(model, name, layer.unload(merge))
+    return model

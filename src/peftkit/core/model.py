@@ -1,0 +1,381 @@
+"""PeftModel: a base model with named adapters that can be trained, switched, merged, saved and loaded.
+
+The API and the checkpoint layout follow Hugging Face peft, so code written for peft runs with
+``from peftkit import ...``. Nothing here knows any particular method: methods attach themselves through
+their :class:`peftkit.core.method.Method` entry in the registry.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftkit.core import io
+from peftkit.core.config import PeftConfig
+from peftkit.core.inject import replace_module
+from peftkit.core.layer import BASE, AdapterLayer, Routing
+from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
+from peftkit.core.registry import config_from_dict, method_of
+from peftkit.errors import (
+    AdapterNameError,
+    AdapterNotFoundError,
+    CheckpointError,
+    MergeError,
+    RoutingError,
+    TargetNotFoundError,
+    choices,
+)
+
+
+class TunerModel(nn.Module):
+    """Holds the user's model at ``.model`` so parameter names read ``base_model.model.<path>`` as in peft."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with adapters. Build it with :func:`peftkit.get_peft_model` or :meth:`from_pretrained`."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._extra: dict[str, dict[str, nn.Parameter]] = {}
+        self._disabled = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ---- attribute access ------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "peft_config", "_active", "_extra"):
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if self._active else ""
+
+    # ---- adapters --------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Attach a new adapter (not made active: call :meth:`set_adapter`). Nothing changes on failure."""
+        io.check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(
+                f"An adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
+                "or choose another name."
+            )
+        method = method_of(peft_config)
+        config = copy.deepcopy(peft_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+        method.inject(self.model, config, adapter_name)
+        extra = method.extra_trainable(self.model, config) if method.extra_trainable else {}
+        self._extra[adapter_name] = extra
+        self.peft_config[adapter_name] = config
+        self._refresh()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (their effects add); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_exists(name)
+        self._active = names
+        self._refresh()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_exists(adapter_name)
+        if adapter_name in merged_names(self.model):
+            raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        for name, layer in adapter_layers(self.model):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+                if not layer.adapter_names:
+                    replace_module(self.model, name, layer.base_layer)
+        del self.peft_config[adapter_name]
+        self._extra.pop(adapter_name, None)
+        self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        self._refresh()
+
+    def _check_exists(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise AdapterNotFoundError(
+                f"No adapter named {name!r}. Loaded adapters: {choices(self.peft_config) or '(none)'}. "
+                "Add it with add_adapter() or load_adapter() first."
+            )
+
+    def _refresh(self) -> None:
+        """Push the active adapters into every layer and set requires_grad: only active, trainable adapters."""
+        trainable = {n for n in self._active if not self.peft_config[n].inference_mode}
+        for _, layer in adapter_layers(self.model):
+            layer.set_adapter(self._active)
+            for name in layer.adapter_names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(name in trainable)
+        extra_on = {id(p) for n in trainable for p in self._extra.get(n, {}).values()}
+        for params in self._extra.values():
+            for p in params.values():
+                p.requires_grad_(id(p) in extra_on)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model: every adapter off (merged ones are unmerged for the duration)."""
+        merged = merged_names(self.model)
+        unmerge_layers(self.model)
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        self._disabled = True
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = False
+            for layer in layers:
+                layer.disabled = False
+            if merged:
+                merge_layers(self.model, merged)
+
+    # ---- forward / generate ------------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        if not hasattr(self.model, "generate"):
+            raise AttributeError(f"{type(self.model).__name__} has no generate(); use a causal LM or seq2seq model.")
+        with self._routing(adapter_names, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        routing = self._make_routing(list(adapter_names), _batch_size(args, kwargs))
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        for layer in layers:
+            layer.routing = routing
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.routing = None
+
+    def _make_routing(self, names: list[str], batch: int | None) -> Routing:
+        if self.training:
+            raise RoutingError("adapter_names= routes rows for inference only; call model.eval() first.")
+        unknown = sorted(set(names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise RoutingError(
+                f"adapter_names has unknown adapters {choices(unknown)}; loaded: {choices(self.peft_config)} "
+                f"(or {BASE!r} for the base model)."
+            )
+        if batch is not None and len(names) != batch:
+            raise RoutingError(f"adapter_names has {len(names)} entries for a batch of {batch} rows; give one per row.")
+        if merged_names(self.model):
+            raise RoutingError("adapter_names= cannot route while adapters are merged; call unmerge_adapter() first.")
+        unique = tuple(dict.fromkeys(names))
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        index = torch.tensor([unique.index(n) for n in names], dtype=torch.long, device=device)
+        return Routing(unique, index)
+
+    # ---- merging ----------------------------------------------------------------------------------------
+    def _check_mergeable(self, names: list[str]) -> None:
+        for name in names:
+            self._check_exists(name)
+            method = method_of(self.peft_config[name])
+            if not method.can_merge:
+                raise MergeError(
+                    f"Adapter {name!r} ({method.name}) cannot be merged into the base weights: {method.merge_hint} "
+                    "Keep it unmerged (or use unload() to remove it)."
+                )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._check_mergeable(names)
+        merge_layers(self.model, names)
+
+    def unmerge_adapter(self) -> None:
+        unmerge_layers(self.model)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Fold the active adapters into the weights and return the plain base model (zero overhead)."""
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
+        self._check_mergeable(names)
+        merge_layers(self.model, names)
+        return unload_layers(self.model, merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and return the base model with its original weights."""
+        unmerge_layers(self.model)
+        return unload_layers(self.model, merge=False)
+
+    # ---- parameters -------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.model.gradient_checkpointing_enable(**kwargs)
+        if hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under model-relative names (no adapter name), as saved."""
+        self._check_exists(adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in adapter_layers(self.model):
+            out.update({f"{path}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
+        out.update(self._extra.get(adapter_name, {}))
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        **_: Any) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys).
+
+        Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            self._check_exists(name)
+        for name in names:
+            folder = io.adapter_dir(save_directory, name)
+            io.save_tensors(io.to_file_keys(self.adapter_state_dict(name)), folder)
+            self.peft_config[name].replace(inference_mode=True).save_pretrained(folder)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     **_: Any) -> None:
+        """Load a saved adapter under ``adapter_name``. On any problem the model is left as it was."""
+        io.check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        config, tensors = read_checkpoint(model_id, is_trainable)
+        try:
+            self.add_adapter(adapter_name, config)
+        except TargetNotFoundError as err:
+            raise CheckpointError(f"The adapter in {str(model_id)!r} does not fit this model: {err}") from err
+        try:
+            self._load_state(adapter_name, tensors, model_id)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        wrong = [
+            f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in tensors and tensors[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong:
+            parts = [
+                f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+                for items, what in ((missing, "missing"), (unexpected, "unexpected"), (wrong, "with a wrong shape"))
+                if items
+            ]
+            raise CheckpointError(
+                f"The checkpoint {str(source)!r} does not fit this model: tensors " + "; ".join(parts) + ". "
+                "It was probably saved for another base model or config; load it onto the model it was trained on."
+            )
+        with torch.no_grad():
+            for key, param in expected.items():
+                param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, **_: Any) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched."""
+        io.check_adapter_name(adapter_name)
+        file_config, tensors = read_checkpoint(model_id, is_trainable)
+        config = config or file_config
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        try:
+            try:
+                peft_model = cls(model, config, adapter_name)
+            except TargetNotFoundError as err:
+                raise CheckpointError(f"The adapter in {str(model_id)!r} does not fit this model: {err}") from err
+            try:
+                peft_model._load_state(adapter_name, tensors, model_id)
+            except Exception:
+                peft_model.unload()
+                raise
+        except Exception:
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags.get(name, p.requires_grad))
+            raise
+        return peft_model
+
+
+def read_checkpoint(model_id: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    folder = Path(model_id)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{str(model_id)!r} is not a folder. peftkit loads adapters from local folders written by "
+            "save_pretrained (adapter_config.json + adapter_model.safetensors)."
+        )
+    config = config_from_dict(PeftConfig.read_dict(folder))
+    config.inference_mode = not is_trainable
+    return config, io.from_file_keys(io.load_tensors(folder))
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "sample", "x"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) else None
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters)."""
+    return PeftModel(model, peft_config, adapter_name, **kwargs)
+
+
+__all__ = ["AdapterLayer", "PeftModel", "TunerModel", "get_peft_model"]

@@ -1,0 +1,47 @@
+"""Method name -> method module. Adding a method is one file in ``methods/`` and one line here.
+
+Each method module defines ``METHOD``, a :class:`peftkit.core.method.Method` describing its config class,
+how it attaches to a model and whether it can merge.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from peftkit.errors import ConfigError, choices
+
+if TYPE_CHECKING:
+    from peftkit.core.config import PeftConfig
+    from peftkit.core.method import Method
+
+# peft_type (as written in adapter_config.json) -> module that defines METHOD
+_METHODS: dict[str, str] = {
+    "LORA": "peftkit.methods.lora",
+}
+
+
+def method_names() -> list[str]:
+    """Every registered peft_type, in registration order."""
+    return list(_METHODS)
+
+
+def get_method(peft_type: str) -> Method:
+    key = str(peft_type).upper()
+    if key not in _METHODS:
+        raise ConfigError(f"Unknown peft_type {peft_type!r}. Registered methods: {choices(_METHODS)}.")
+    return importlib.import_module(_METHODS[key]).METHOD
+
+
+def method_of(config: PeftConfig) -> Method:
+    return get_method(config.peft_type)
+
+
+def config_from_dict(data: dict) -> PeftConfig:
+    """Build the right config class from a dict that carries ``peft_type`` (e.g. adapter_config.json)."""
+    if "peft_type" not in data:
+        raise ConfigError(
+            f"adapter_config.json has no 'peft_type' (keys: {choices(data)}); "
+            f"it should name the method, one of {choices(_METHODS)}."
+        )
+    return get_method(data["peft_type"]).config_class.from_dict(data)
