@@ -40,9 +40,7 @@ class PeftConfig:
     # values, refused (rather than silently ignored) at any other value.
     foreign_defaults: ClassVar[dict[str, Any]] = {}
 
-    task_type: str | None = field(
-        default=None, metadata={"help": f"The model's task, one of {', '.join(TASK_HEADS)}."}
-    )
+    task_type: str | None = field(default=None, metadata={"help": f"The model's task, one of {', '.join(TASK_HEADS)}."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model the adapter is for."})
     revision: str | None = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Load frozen, for inference only."})
@@ -54,9 +52,7 @@ class PeftConfig:
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
-            raise ConfigError(
-                f"Invalid {type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems)
-            )
+            raise ConfigError(f"Invalid {type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def problems(self) -> list[str]:
         """Every problem with this config, as messages; subclasses extend the list."""

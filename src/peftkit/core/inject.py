@@ -78,7 +78,9 @@ def inject_layers(
             base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
             layer_class = dispatch(base)
             if layer_class is None:  # find_targets filtered by support; this guards custom dispatchers
-                raise TargetNotFoundError(f"No {type(config).__name__} layer can wrap {name!r} ({type(base).__name__}).")
+                raise TargetNotFoundError(
+                    f"No {type(config).__name__} layer can wrap {name!r} ({type(base).__name__})."
+                )
             inj.wrap(name, layer_class, config)
         add_modules_to_save(model, config, inj)
 

@@ -256,7 +256,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         self.model.gradient_checkpointing_enable(**kwargs)
@@ -273,8 +275,9 @@ class PeftModel(nn.Module):
         out.update(self._extra.get(adapter_name, {}))
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        **_: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
+    ) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys).
 
         Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
@@ -287,8 +290,9 @@ class PeftModel(nn.Module):
             io.save_tensors(io.to_file_keys(self.adapter_state_dict(name)), folder)
             self.peft_config[name].replace(inference_mode=True).save_pretrained(folder)
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     **_: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
+    ) -> None:
         """Load a saved adapter under ``adapter_name``. On any problem the model is left as it was."""
         io.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -328,8 +332,15 @@ class PeftModel(nn.Module):
                 param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: PeftConfig | None = None, **_: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **_: Any,
+    ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched."""
         io.check_adapter_name(adapter_name)
         file_config, tensors = read_checkpoint(model_id, is_trainable)
@@ -373,7 +384,9 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return first.shape[0] if isinstance(first, torch.Tensor) else None
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+) -> PeftModel:
     """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters)."""
     return PeftModel(model, peft_config, adapter_name, **kwargs)
 

@@ -46,20 +46,51 @@ class LoraConfig(TargetingConfig):
         "gpt_neox": ["query_key_value"],
         **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
         **dict.fromkeys(
-            ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "whisper",
-             "clip", "clip_text_model", "clip_vision_model", "phi3", "olmo", "starcoder2"],
+            [
+                "llama",
+                "mistral",
+                "mixtral",
+                "qwen2",
+                "qwen3",
+                "gemma",
+                "gemma2",
+                "opt",
+                "bart",
+                "whisper",
+                "clip",
+                "clip_text_model",
+                "clip_vision_model",
+                "phi3",
+                "olmo",
+                "starcoder2",
+            ],
             ["q_proj", "v_proj"],
         ),
         "phi": ["q_proj", "v_proj", "fc1", "fc2"],
         "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
     }
     foreign_defaults: ClassVar[dict[str, Any]] = {
-        "use_dora": False, "lora_bias": False, "layer_replication": None, "loftq_config": {}, "eva_config": None,
-        "corda_config": None, "use_qalora": False, "qalora_group_size": 16, "trainable_token_indices": None,
-        "megatron_config": None, "megatron_core": "megatron.core", "target_parameters": None,
-        "alora_invocation_tokens": None, "arrow_config": None, "ensure_weight_tying": False,
-        "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
-        "velora_config": None, "runtime_config": None,
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "use_qalora": False,
+        "qalora_group_size": 16,
+        "trainable_token_indices": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "target_parameters": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "ensure_weight_tying": False,
+        "kasa_config": None,
+        "lora_ga_config": None,
+        "monteclora_config": None,
+        "use_bdlora": None,
+        "velora_config": None,
+        "runtime_config": None,
     }
 
     r: int = field(default=8, metadata={"help": "Rank of the update B A."})
@@ -88,9 +119,9 @@ class LoraConfig(TargetingConfig):
             problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.bias not in BIAS_CHOICES:
             problems.append(f"bias={self.bias!r} is not one of {choices(BIAS_CHOICES)}.")
-        if self.init_lora_weights not in INIT_CHOICES or (isinstance(self.init_lora_weights, int) and not isinstance(
-            self.init_lora_weights, bool
-        )):
+        if self.init_lora_weights not in INIT_CHOICES or (
+            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        ):
             problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'.")
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
@@ -278,8 +309,9 @@ class LoraEmbedding(LoraLayer):
 
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        return F.embedding(ids, table, base.padding_idx, base.max_norm, base.norm_type,
-                           base.scale_grad_by_freq, base.sparse)
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)  # (..., dim)
@@ -316,8 +348,14 @@ class _LoraConv(LoraLayer):
         if base.groups != 1:
             raise ConfigError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported; exclude it.")
         self.lora_A[adapter_name] = self.conv_class(
-            base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-            bias=False, padding_mode=base.padding_mode,
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
         )
         self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, 1, 1, bias=False)
 
@@ -409,5 +447,11 @@ def _base_path(name: str, module: nn.Module) -> tuple[str, nn.Module]:
     return path, base_of(module)
 
 
-METHOD = Method(name="lora", config_class=LoraConfig, strategy="wrap", inject=inject, can_merge=True,
-                extra_trainable=extra_trainable)
+METHOD = Method(
+    name="lora",
+    config_class=LoraConfig,
+    strategy="wrap",
+    inject=inject,
+    can_merge=True,
+    extra_trainable=extra_trainable,
+)
