@@ -122,6 +122,10 @@ class AdapterLayer(nn.Module):
             self.unmerge()
         return self.base_layer
 
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A regulariser the training loop adds to the task loss (e.g. diff pruning's L0 penalty), or None."""
+        return None
+
     # ---- forward helpers ----------------------------------------------------------------------------------
     def live_adapters(self) -> list[str]:
         """Active adapters whose effect is not already in the base weights."""

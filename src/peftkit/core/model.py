@@ -248,6 +248,11 @@ class PeftModel(nn.Module):
         unmerge_layers(self.model)
         return unload_layers(self.model, merge=False)
 
+    def auxiliary_loss(self) -> torch.Tensor | float:
+        """Sum of the active adapters' regularisers (0.0 when no method defines one); add it to the loss."""
+        losses = [loss for _, layer in adapter_layers(self.model) if (loss := layer.auxiliary_loss()) is not None]
+        return torch.stack(losses).sum() if losses else 0.0
+
     # ---- parameters -------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

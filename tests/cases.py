@@ -1,0 +1,27 @@
+"""One contract case per registered method: how to configure it on each tiny model.
+
+tests/test_contract.py runs every registered method through DESIGN.md's shared rules; a method that is
+registered without a case here fails ``test_every_method_has_a_case``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peftkit import LoraConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    config: Callable[[str], object]  # model kind -> config
+    models: tuple[str, ...] = ("bert", "llama")
+    identity_at_init: bool = True  # prompt methods are exempt
+
+
+TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "t5": ["q", "v"]}
+TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
+
+CASES: dict[str, Case] = {
+    "LORA": Case(lambda kind: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
+}

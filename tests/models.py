@@ -1,0 +1,105 @@
+"""Tiny random models built from configs, one per architecture, for fast CPU tests."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+VOCAB = 100
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_llama(seed: int = 0):
+    """Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_t5(seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}
+
+
+def build(kind: str):
+    return BUILDERS[kind]()
+
+
+def batch(kind: str, rows: int = 4, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if kind == "t5":
+        out["decoder_input_ids"] = torch.randint(1, VOCAB, (rows, 5), generator=g)
+    return out
+
+
+def output(model, inputs: dict, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        result = model(**inputs, **kwargs)
+    return result.logits
+
+
+def clone(model):
+    return copy.deepcopy(model)
+
+
+def perturb(peft_model, adapter_name: str, seed: int = 0, scale: float = 0.1) -> None:
+    """Give an adapter non-trivial values so that round trips are meaningful."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in peft_model.adapter_state_dict(adapter_name).values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=g) * scale)
