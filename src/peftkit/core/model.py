@@ -67,7 +67,10 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
     # ---- attribute access ------------------------------------------------------------------------------
