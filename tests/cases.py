@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import LoraConfig
+from peftkit import BottleneckConfig, CompacterConfig, LoraConfig
 
 
 @dataclass(frozen=True)
@@ -24,4 +24,6 @@ TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SE
 
 CASES: dict[str, Case] = {
     "LORA": Case(lambda kind: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
+    "BOTTLENECK": Case(lambda kind: BottleneckConfig(preset="houlsby", task_type=TASKS[kind])),
+    "COMPACTER": Case(lambda kind: CompacterConfig(preset="compacter", bottleneck_size=8, task_type=TASKS[kind])),
 }

@@ -1,11 +1,27 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch models, with Hugging Face peft's API and files."""
 
+from peftkit.core.compose import Average, Fusion, Parallel, Stack
 from peftkit.core.config import PeftConfig
 from peftkit.core.layer import BASE
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.compacter import CompacterConfig
 from peftkit.methods.lora import LoraConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["BASE", "LoraConfig", "PeftConfig", "PeftModel", "get_peft_model", "method_names"]
+__all__ = [
+    "BASE",
+    "Average",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "Fusion",
+    "LoraConfig",
+    "Parallel",
+    "PeftConfig",
+    "PeftModel",
+    "Stack",
+    "get_peft_model",
+    "method_names",
+]

@@ -8,6 +8,7 @@ their :class:`peftkit.core.method.Method` entry in the registry.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from peftkit.core import io
-from peftkit.core.config import PeftConfig
+from peftkit.core.compose import COMPOSITION_FILE, Composition, Parallel, composition_from_dict
+from peftkit.core.config import PeftConfig, atomic_write_bytes
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import BASE, AdapterLayer, Routing
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
@@ -27,6 +29,7 @@ from peftkit.errors import (
     AdapterNameError,
     AdapterNotFoundError,
     CheckpointError,
+    ConfigError,
     MergeError,
     RoutingError,
     TargetNotFoundError,
@@ -61,6 +64,7 @@ class PeftModel(nn.Module):
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._composition: Composition | None = None  # set_adapter(Stack(...)) etc.; None: effects add
         self._extra: dict[str, dict[str, nn.Parameter]] = {}
         self._disabled = False
         for p in model.parameters():
@@ -78,7 +82,7 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "peft_config", "_active", "_extra"):
+            if name in ("base_model", "peft_config", "_active", "_extra", "_composition"):
                 raise
             return getattr(self.base_model.model, name)
 
@@ -116,13 +120,31 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._refresh()
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters active (their effects add); only active adapters train."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    def set_adapter(self, adapter_name: str | list[str] | Composition) -> None:
+        """Make these adapters active (their effects add), or a composition of them (``Stack("a", "b")``,
+        ``Parallel``, ``Average``, ``Fusion``: see core/compose.py), which the layers receive. Only active
+        adapters train (under a Fusion only the fusion layer)."""
+        composition = adapter_name if isinstance(adapter_name, Composition) else None
+        if composition is not None:
+            names = composition.adapters()
+        else:
+            names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_exists(name)
+        if composition is not None and composition.layer_level:
+            self._check_composable(composition)
         self._active = names
+        self._composition = composition
         self._refresh()
+
+    def _check_composable(self, composition: Composition) -> None:
+        names = set(composition.adapters())
+        for path, layer in adapter_layers(self.model):
+            if names & set(layer.adapter_names) and not getattr(layer, "composable", False):
+                raise ConfigError(
+                    f"{composition!r} cannot run: the layer at {path!r} ({type(layer).__name__}) does not support "
+                    "composition blocks. Use set_adapter([...]) to add the adapters' effects, or Parallel(...)."
+                )
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_exists(adapter_name)
@@ -136,6 +158,8 @@ class PeftModel(nn.Module):
         del self.peft_config[adapter_name]
         self._extra.pop(adapter_name, None)
         self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+        if self._composition is not None and adapter_name in self._composition.adapters():
+            self._composition = None
         self._refresh()
 
     def _check_exists(self, name: str) -> None:
@@ -147,9 +171,10 @@ class PeftModel(nn.Module):
 
     def _refresh(self) -> None:
         """Push the active adapters into every layer and set requires_grad: only active, trainable adapters."""
-        trainable = {n for n in self._active if not self.peft_config[n].inference_mode}
+        training = self._composition.trainable() if self._composition is not None else self._active
+        trainable = {n for n in training if not self.peft_config[n].inference_mode}
         for _, layer in adapter_layers(self.model):
-            layer.set_adapter(self._active)
+            layer.set_adapter(self._composition if self._composition is not None else self._active)
             for name in layer.adapter_names:
                 for p in layer.adapter_parameters(name):
                     p.requires_grad_(name in trainable)
@@ -178,14 +203,27 @@ class PeftModel(nn.Module):
 
     # ---- forward / generate ------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
         with self._routing(adapter_names, args, kwargs):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); use a causal LM or seq2seq model.")
+        args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
         with self._routing(adapter_names, args, kwargs):
             return self.model.generate(*args, **kwargs)
+
+    def _replicate_for_parallel(self, args: tuple, kwargs: dict, adapter_names: list[str] | None) -> tuple:
+        """Under a Parallel block: the batch once per adapter, routed copy by copy (see core/compose.py)."""
+        block = self._composition
+        if not isinstance(block, Parallel) or adapter_names is not None or self._disabled:
+            return args, kwargs, adapter_names
+        batch = _batch_size(args, kwargs)
+        if batch is None:
+            raise RoutingError(f"{block!r} needs a batch tensor (input_ids, inputs_embeds, ...) to repeat per adapter.")
+        args, kwargs = block.replicate(args, kwargs, batch)
+        return args, kwargs, block.row_names(batch)
 
     @contextmanager
     def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
@@ -297,6 +335,9 @@ class PeftModel(nn.Module):
             folder = io.adapter_dir(save_directory, name)
             io.save_tensors(io.to_file_keys(self.adapter_state_dict(name)), folder)
             self.peft_config[name].replace(inference_mode=True).save_pretrained(folder)
+        if self._composition is not None and set(self._composition.adapters()) <= set(names):
+            text = json.dumps({"active": self._composition.to_dict()}, indent=2) + "\n"
+            atomic_write_bytes(Path(save_directory) / COMPOSITION_FILE, text.encode())
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
@@ -361,6 +402,7 @@ class PeftModel(nn.Module):
                 raise CheckpointError(f"The adapter in {str(model_id)!r} does not fit this model: {err}") from err
             try:
                 peft_model._load_state(adapter_name, tensors, model_id)
+                peft_model._restore_composition(model_id, is_trainable)
             except Exception:
                 peft_model.unload()
                 raise
@@ -369,6 +411,20 @@ class PeftModel(nn.Module):
                 p.requires_grad_(flags.get(name, p.requires_grad))
             raise
         return peft_model
+
+    def _restore_composition(self, model_id: str | os.PathLike, is_trainable: bool) -> None:
+        """Load the adapters a saved composition names (each from its sub-folder) and activate it."""
+        path = Path(model_id) / COMPOSITION_FILE
+        if not path.is_file():
+            return
+        try:
+            block = composition_from_dict(json.loads(path.read_text())["active"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is not a valid composition file ({err!r}); it is corrupt.") from err
+        for name in block.adapters():
+            if name not in self.peft_config:
+                self.load_adapter(io.adapter_dir(model_id, name), name, is_trainable=is_trainable)
+        self.set_adapter(block)
 
 
 def read_checkpoint(model_id: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 # peft_type (as written in adapter_config.json) -> module that defines METHOD
 _METHODS: dict[str, str] = {
     "LORA": "peftkit.methods.lora",
+    "BOTTLENECK": "peftkit.methods.bottleneck",
+    "COMPACTER": "peftkit.methods.compacter",
 }
 
 
