@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import BottleneckConfig, CompacterConfig, LoraConfig
+from peftkit import BottleneckConfig, CompacterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
 
 @dataclass(frozen=True)
@@ -26,4 +26,10 @@ CASES: dict[str, Case] = {
     "LORA": Case(lambda kind: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
     "BOTTLENECK": Case(lambda kind: BottleneckConfig(preset="houlsby", task_type=TASKS[kind])),
     "COMPACTER": Case(lambda kind: CompacterConfig(preset="compacter", bottleneck_size=8, task_type=TASKS[kind])),
+    "PROMPT_TUNING": Case(
+        lambda kind: PromptTuningConfig(num_virtual_tokens=3, task_type=TASKS[kind]), identity_at_init=False
+    ),
+    "PREFIX_TUNING": Case(
+        lambda kind: PrefixTuningConfig(num_virtual_tokens=3, task_type=TASKS[kind]), identity_at_init=False
+    ),
 }

@@ -8,6 +8,8 @@ from peftkit.core.registry import method_names
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,8 @@ __all__ = [
     "Parallel",
     "PeftConfig",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "Stack",
     "get_peft_model",
     "method_names",

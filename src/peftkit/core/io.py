@@ -60,8 +60,9 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def to_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model-relative names -> peft's file keys."""
-    return {PREFIX + k: v for k, v in tensors.items()}
+    """Model-relative names -> peft's file keys. A name without a module path is a model-level tensor
+    (AdapterLayer.root_state_keys, e.g. peft's 'prompt_embeddings') and is written as it is."""
+    return {(PREFIX + k if "." in k else k): v for k, v in tensors.items()}
 
 
 def from_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

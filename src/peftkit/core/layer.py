@@ -44,6 +44,9 @@ class AdapterLayer(nn.Module):
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
     # Other per-adapter dict attributes (dropout modules, scalings) to clean up on delete.
     adapter_other_names: ClassVar[tuple[str, ...]] = ()
+    # adapter_state_dict keys that name model-level tensors: saved without the module path or peft's
+    # "base_model.model." prefix (peft's prompt learning writes its prompt table as 'prompt_embeddings').
+    root_state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

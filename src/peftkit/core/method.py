@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from torch import nn
 
@@ -26,6 +27,11 @@ class Method:
     merge_hint:    why it cannot, for the error message, when ``can_merge`` is False.
     extra_trainable: optional ``f(model, config) -> {name: Parameter}``: base tensors the method also trains
                    and saves (LoRA's ``bias="all"``); names are relative to the base model.
+    prepare_inputs: optional ``f(model, call)`` for "hook" methods, run before every PeftModel.forward and
+                   generate while any adapter of this method is loaded: it may rewrite ``call.args`` /
+                   ``call.kwargs`` (prepend soft prompts, extend the attention mask), register cleanups on
+                   ``call.cleanup`` and output transforms in ``call.outputs``. It reads which adapters are live
+                   (active, disabled, per-row routing) from its own AdapterLayers, as their forward does.
     """
 
     name: str
@@ -35,3 +41,20 @@ class Method:
     can_merge: bool = True
     merge_hint: str = ""
     extra_trainable: Callable[[nn.Module, PeftConfig], dict[str, nn.Parameter]] | None = None
+    prepare_inputs: Callable[[nn.Module, Call], None] | None = None
+
+
+@dataclass
+class Call:
+    """One PeftModel.forward or generate call, as the methods' ``prepare_inputs`` see and change it."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    for_generate: bool
+    cleanup: ExitStack  # callbacks run when the call returns (e.g. drop per-call state from layers)
+    outputs: list[Callable[[Any], Any]] = field(default_factory=list)  # applied to the result, in order
+
+    def finish(self, result: Any) -> Any:
+        for transform in self.outputs:
+            result = transform(result)
+        return result

@@ -11,7 +11,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from peftkit.core.config import PeftConfig, atomic_write_bytes
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import BASE, AdapterLayer, Routing
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
+from peftkit.core.method import Call
 from peftkit.core.registry import config_from_dict, method_of
 from peftkit.errors import (
     AdapterNameError,
@@ -204,15 +205,25 @@ class PeftModel(nn.Module):
     # ---- forward / generate ------------------------------------------------------------------------------
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
-        with self._routing(adapter_names, args, kwargs):
-            return self.model(*args, **kwargs)
+        with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, False) as call:
+            return call.finish(self.model(*call.args, **call.kwargs))
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); use a causal LM or seq2seq model.")
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
-        with self._routing(adapter_names, args, kwargs):
-            return self.model.generate(*args, **kwargs)
+        with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, True) as call:
+            return call.finish(self.model.generate(*call.args, **call.kwargs))
+
+    @contextmanager
+    def _prepared(self, args: tuple, kwargs: dict, for_generate: bool) -> Iterator[Call]:
+        """Let "hook" methods (Method.prepare_inputs) rewrite the call's inputs; drop their per-call state after."""
+        with ExitStack() as stack:
+            call = Call(args, dict(kwargs), for_generate, stack)
+            methods = {m.name: m for m in map(method_of, self.peft_config.values()) if m.prepare_inputs is not None}
+            for method in methods.values():
+                method.prepare_inputs(self.model, call)
+            yield call
 
     def _replicate_for_parallel(self, args: tuple, kwargs: dict, adapter_names: list[str] | None) -> tuple:
         """Under a Parallel block: the batch once per adapter, routed copy by copy (see core/compose.py)."""
@@ -317,7 +328,8 @@ class PeftModel(nn.Module):
         self._check_exists(adapter_name)
         out: dict[str, torch.Tensor] = {}
         for path, layer in adapter_layers(self.model):
-            out.update({f"{path}.{k}": v for k, v in layer.adapter_state_dict(adapter_name).items()})
+            state = layer.adapter_state_dict(adapter_name)
+            out.update({k if k in layer.root_state_keys else f"{path}.{k}": v for k, v in state.items()})
         out.update(self._extra.get(adapter_name, {}))
         return out
 

@@ -20,6 +20,8 @@ _METHODS: dict[str, str] = {
     "LORA": "peftkit.methods.lora",
     "BOTTLENECK": "peftkit.methods.bottleneck",
     "COMPACTER": "peftkit.methods.compacter",
+    "PROMPT_TUNING": "peftkit.methods.prompt_tuning",
+    "PREFIX_TUNING": "peftkit.methods.prefix_tuning",
 }
 
 
