@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from peftkit.core.config import PeftConfig
+from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.errors import ConfigError, TargetNotFoundError, choices
 
 ALL_LINEAR = "all-linear"
@@ -157,7 +157,7 @@ def find_targets(
     """Full names of the modules ``config`` targets in ``model``; raises when none (or a wrong type) match."""
     targets = resolve_targets(model, config)
     heads = output_head_names(model) if targets == ALL_LINEAR else set()
-    keep = config.modules_to_save or []
+    keep = [*(config.modules_to_save or []), *TASK_HEADS.get(config.task_type or "", ())]  # never targets
     matched, wrong_type = [], []
     for name, module in iter_free_modules(model):
         if targets == ALL_LINEAR:
