@@ -167,7 +167,7 @@ class BottleneckConfig(TargetingConfig):
         value = getattr(self, name)
         if value is None and name == "scaling":
             return PRESET_SCALING[bool(self.setting("parallel"))]
-        return self.presets[self.preset].get(name) if value is None else value
+        return self.presets.get(self.preset, {}).get(name) if value is None else value
 
     def width(self, d: int, module_name: str) -> int:
         """Bottleneck width k for a module of width d; refuses a factor larger than d."""
@@ -302,6 +302,10 @@ class BottleneckLayer(AdapterLayer):
             parallel, config.residual, config.residual_before_ln, config.setting("scaling"),
             config.setting("non_linearity"),
         )  # fmt: skip
+
+    @property
+    def weight(self) -> torch.Tensor:  # model code reads it (T5 casts to wo.weight.dtype)
+        return self.get_base_layer().weight
 
     def attach_tap(self, adapter_name: str, block: nn.Module) -> None:
         tap = _Tap(block)

@@ -1,0 +1,178 @@
+"""Composition blocks (core/compose.py) run by bottleneck layers: Stack, Parallel, Average, Fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import batch, build, output, perturb
+from peftkit import (
+    Average,
+    BottleneckConfig,
+    CompacterConfig,
+    Fusion,
+    LoraConfig,
+    Parallel,
+    PeftModel,
+    Stack,
+    get_peft_model,
+)
+from peftkit.core.compose import composition_from_dict
+from peftkit.errors import ConfigError, RoutingError
+from peftkit.methods.bottleneck import BottleneckLayer
+
+TOL = 1e-5
+
+
+def two_adapters(kind: str = "bert", second=None):
+    base = build(kind)
+    reference = copy.deepcopy(base)
+    pm = get_peft_model(base, BottleneckConfig(preset="pfeiffer"), adapter_name="a")
+    pm.add_adapter("b", second or BottleneckConfig(preset="pfeiffer"))
+    perturb(pm, "a", seed=1)
+    perturb(pm, "b", seed=2)
+    return pm.eval(), reference
+
+
+def one_adapter(layer: BottleneckLayer, name: str, h: torch.Tensor) -> torch.Tensor:
+    down, up = layer.bottleneck_down[name], layer.bottleneck_up[name]
+    return h + F.relu(h @ down.weight.T + down.bias) @ up.weight.T + up.bias
+
+
+def first_layer(pm) -> BottleneckLayer:
+    return pm.get_base_model().bert.encoder.layer[0].output.dense
+
+
+def test_stack_and_average_against_the_adapters_applied_by_hand():
+    pm, _ = two_adapters()
+    layer = first_layer(pm)
+    x = torch.randn(2, 3, 64)
+    h = layer.base_layer(x)
+    pm.set_adapter(Stack("a", "b"))
+    torch.testing.assert_close(layer(x), one_adapter(layer, "b", one_adapter(layer, "a", h)), atol=TOL, rtol=0)
+    pm.set_adapter(Average("a", "b", weights=[0.7, 0.3]))
+    expected = 0.7 * one_adapter(layer, "a", h) + 0.3 * one_adapter(layer, "b", h)
+    torch.testing.assert_close(layer(x), expected, atol=TOL, rtol=0)
+    assert {p.requires_grad for p in pm.adapter_state_dict("a").values()} == {True}
+
+
+def test_parallel_gives_one_output_per_adapter_for_one_batch():
+    pm, _ = two_adapters()
+    inputs = batch("bert", rows=3)
+    alone = {}
+    for name in ("a", "b"):
+        pm.set_adapter(name)
+        alone[name] = output(pm, inputs)
+    pm.set_adapter(Parallel("a", "b"))
+    both = output(pm, inputs)
+    assert both.shape[0] == 6
+    torch.testing.assert_close(both[:3], alone["a"], atol=TOL, rtol=0)
+    torch.testing.assert_close(both[3:], alone["b"], atol=TOL, rtol=0)
+    pm.train()
+    with pytest.raises(RoutingError, match="inference only"):
+        pm(**inputs)
+
+
+def test_parallel_also_runs_lora_which_cannot_stack():
+    base = build("llama")
+    pm = get_peft_model(base, LoraConfig(target_modules=["q_proj"]), adapter_name="a")
+    pm.add_adapter("b", LoraConfig(target_modules=["q_proj"]))
+    perturb(pm, "a", seed=1)
+    perturb(pm, "b", seed=2)
+    pm.eval()
+    inputs = batch("llama", rows=2)
+    pm.set_adapter("b")
+    only_b = output(pm, inputs)
+    pm.set_adapter(Parallel("a", "b"))
+    torch.testing.assert_close(output(pm, inputs)[2:], only_b, atol=TOL, rtol=0)
+    with pytest.raises(ConfigError, match=r"Stack\('a', 'b'\) cannot run.*LoraLinear"):
+        pm.set_adapter(Stack("a", "b"))
+
+
+def test_fusion_trains_only_the_fusion_layer_and_follows_the_attention_formula():
+    pm, _ = two_adapters(second=CompacterConfig(preset="compacter++", bottleneck_size=8))
+    pm.add_adapter("a,b", BottleneckConfig(fusion_of=["a", "b"]))
+    pm.set_adapter(Fusion("a", "b"))
+    pm.train()
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("bottleneck_fusion" in n for n in trainable)
+    perturb(pm, "a,b", seed=3)
+    layer = first_layer(pm)
+    fusion = layer.bottleneck_fusion["a,b"]
+    pm.eval()
+    x = torch.randn(2, 3, 64)
+    h = layer.base_layer(x)
+    outs = [layer._apply("a", h, x, None), layer._apply("b", h, x, None)]
+    q = fusion.query(h)
+    scores = torch.stack([(fusion.key(o) * q).sum(-1) for o in outs], dim=-1).softmax(-1)  # (B, T, 2)
+    expected = h + sum(scores[..., i : i + 1] * fusion.value(o - h) for i, o in enumerate(outs))
+    torch.testing.assert_close(layer(x), expected, atol=TOL, rtol=0)
+
+
+def test_fusion_with_identity_value_starts_as_the_average_of_equal_scores():
+    pm, _ = two_adapters()
+    pm.add_adapter("fuse", BottleneckConfig(fusion_of=["a", "b"]))
+    with torch.no_grad():
+        for layer in pm.get_base_model().modules():
+            if isinstance(layer, BottleneckLayer) and "fuse" in layer.bottleneck_fusion:
+                layer.bottleneck_fusion["fuse"].query.weight.zero_()  # equal scores
+    inputs = batch("bert")
+    pm.set_adapter(Fusion("a", "b", name="fuse"))
+    fused = output(pm, inputs)
+    pm.set_adapter(Average("a", "b"))
+    torch.testing.assert_close(fused, output(pm, inputs), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("block", [Stack("a", "b"), Fusion("a", "b", name="ab")], ids=["stack", "fusion"])
+def test_composition_is_saved_and_restored(block, tmp_path):
+    pm, reference = two_adapters()
+    pm.add_adapter("default", BottleneckConfig(preset="houlsby"))  # the root adapter of the checkpoint
+    if isinstance(block, Fusion):
+        pm.add_adapter("ab", BottleneckConfig(fusion_of=["a", "b"]))
+        perturb(pm, "ab", seed=4)
+    pm.set_adapter(block)
+    inputs = batch("bert")
+    expected = output(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference, tmp_path).eval()
+    assert loaded._composition == block
+    assert set(loaded.peft_config) == {"default", *block.adapters()}
+    torch.testing.assert_close(output(loaded, inputs), expected, atol=TOL, rtol=0)
+
+
+def test_bad_blocks():
+    with pytest.raises(ConfigError, match="Parallel cannot contain Stack"):
+        Parallel("a", Stack("b", "c"))
+    with pytest.raises(ConfigError, match="1 weights for 2 adapters"):
+        Average("a", "b", weights=[1.0])
+    with pytest.raises(ConfigError, match=r"'Mix'.*'Average', 'Fusion', 'Parallel', 'Stack'"):
+        composition_from_dict({"type": "Mix", "children": ["a"]})
+    nested = Stack("a", Average("b", "c", weights=[0.5, 0.5]), Fusion("d", "e"))
+    assert composition_from_dict(nested.to_dict()) == nested
+    assert nested.adapters() == ["a", "b", "c", "d", "e", "d,e"] and nested.trainable() == ["a", "b", "c", "d,e"]
+
+
+def test_fusion_needs_its_adapters():
+    pm, _ = two_adapters()
+    with pytest.raises(Exception, match=r"fusion_of=\['a', 'zz'\].*'a', 'b'"):
+        pm.add_adapter("f", BottleneckConfig(fusion_of=["a", "zz"]))
+    assert "f" not in pm.peft_config
+
+
+def test_per_row_routing_with_parallel_adapters_on_t5():
+    base = build("t5")
+    pm = get_peft_model(base, BottleneckConfig(preset="parallel", mh_adapter=True), adapter_name="a")
+    pm.add_adapter("b", BottleneckConfig(preset="houlsby"))
+    perturb(pm, "a", seed=1)
+    perturb(pm, "b", seed=2)
+    pm.eval()
+    inputs = batch("t5", rows=3)
+    mixed = output(pm, inputs, adapter_names=["b", "a", "__base__"])
+    for row, name in enumerate(["b", "a"]):
+        pm.set_adapter(name)
+        torch.testing.assert_close(mixed[row], output(pm, inputs)[row], atol=TOL, rtol=0)
+    with pm.disable_adapter():
+        torch.testing.assert_close(mixed[2], output(pm, inputs)[2], atol=TOL, rtol=0)
