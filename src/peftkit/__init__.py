@@ -7,6 +7,7 @@ from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
@@ -19,6 +20,7 @@ __all__ = [
     "BottleneckConfig",
     "CompacterConfig",
     "Fusion",
+    "IA3Config",
     "LoraConfig",
     "Parallel",
     "PeftConfig",

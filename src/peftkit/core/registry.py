@@ -22,6 +22,7 @@ _METHODS: dict[str, str] = {
     "COMPACTER": "peftkit.methods.compacter",
     "PROMPT_TUNING": "peftkit.methods.prompt_tuning",
     "PREFIX_TUNING": "peftkit.methods.prefix_tuning",
+    "IA3": "peftkit.methods.ia3",
 }
 
 
