@@ -9,7 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from peftkit import BottleneckConfig, CompacterConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+from peftkit import (
+    BitFitConfig,
+    BottleneckConfig,
+    CompacterConfig,
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,6 @@ TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["
 TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 CASES: dict[str, Case] = {
-    "IA3": Case(lambda kind: IA3Config(task_type=TASKS[kind])),  # peft's defaults: key, value, feed-forward
     "LORA": Case(lambda kind: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
     "BOTTLENECK": Case(lambda kind: BottleneckConfig(preset="houlsby", task_type=TASKS[kind])),
     "COMPACTER": Case(lambda kind: CompacterConfig(preset="compacter", bottleneck_size=8, task_type=TASKS[kind])),
@@ -33,4 +40,6 @@ CASES: dict[str, Case] = {
     "PREFIX_TUNING": Case(
         lambda kind: PrefixTuningConfig(num_virtual_tokens=3, task_type=TASKS[kind]), identity_at_init=False
     ),
+    "IA3": Case(lambda kind: IA3Config(task_type=TASKS[kind])),  # peft's defaults: key, value, feed-forward
+    "BITFIT": Case(lambda kind: BitFitConfig(add_missing_bias=kind == "llama", task_type=TASKS[kind])),
 }

@@ -5,6 +5,7 @@ from peftkit.core.config import PeftConfig
 from peftkit.core.layer import BASE
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
+from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
 from peftkit.methods.ia3 import IA3Config
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BASE",
     "Average",
+    "BitFitConfig",
     "BottleneckConfig",
     "CompacterConfig",
     "Fusion",

@@ -23,6 +23,7 @@ _METHODS: dict[str, str] = {
     "PROMPT_TUNING": "peftkit.methods.prompt_tuning",
     "PREFIX_TUNING": "peftkit.methods.prefix_tuning",
     "IA3": "peftkit.methods.ia3",
+    "BITFIT": "peftkit.methods.bitfit",
 }
 
 
