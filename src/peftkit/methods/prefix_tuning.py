@@ -11,10 +11,11 @@ the checkpoint keeps the MLP so training can resume, and :func:`eject` folds it 
 
 How it attaches: a :class:`PrefixTable` wraps the word embeddings and holds each adapter's prefix (flat, in
 peft's ``prompt_embeddings`` layout (P, sites * 2 * H_kv * d), layer l's keys at 2l and values at 2l + 1);
-a :class:`PrefixAttention` wraps each attention module (every layer of BERT / Llama / GPT-2; T5's encoder,
-decoder self- and cross-attention) and hands it a stand-in KV cache that puts this call's prefix in front of
-the keys and values, so the model's own cache never stores it. ``prepare_inputs`` computes the prefix once
-per call and shifts ``position_ids`` by P. Grouped-query attention: the prefix has the model's H_kv heads.
+the table puts a forward pre-hook on each attention module (every layer of BERT / Llama / GPT-2; T5's encoder,
+decoder self- and cross-attention; the modules stay in place, so LoRA can still target their projections),
+which hands it a stand-in KV cache that puts this call's prefix in front of the keys and values, so the
+model's own cache never stores it. ``prepare_inputs`` computes the prefix once per call and shifts
+``position_ids`` by P. Grouped-query attention: the prefix has the model's H_kv heads.
 """
 
 from __future__ import annotations
@@ -96,6 +97,30 @@ class PrefixTable(AdapterLayer):
         self.prompt_embeddings = nn.ParameterDict()  # flat prefix (P, sites * 2 * H * d)
         self.prefix_encoder = nn.ModuleDict()  # or its MLP (prefix_projection)
         self.shapes: dict[str, tuple[int, int, int, int]] = {}  # (P, sites, H, d)
+        self.sites: list[nn.Module] = []  # the hooked attention modules (a plain list: not submodules)
+        self._hooks: list[Any] = []
+
+    def attach(self, sites: list[nn.Module]) -> None:
+        """Hook the attention modules (once, for every prefix adapter of this table)."""
+        if not self._hooks:
+            self.sites = sites
+            self._hooks = [site.register_forward_pre_hook(_add_prefix, with_kwargs=True) for site in sites]
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for site in self.sites:
+            site.__dict__.pop(PENDING, None)
+        self._hooks, self.sites = [], []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not self.shapes:
+            self.detach()
+
+    def unload(self, merge: bool) -> nn.Module:
+        self.detach()
+        return self.base_layer
 
     @property
     def weight(self) -> torch.Tensor:
@@ -153,7 +178,7 @@ class PrefixTable(AdapterLayer):
         return (table, lengths) if rows is None else (table[rows], lengths[rows])
 
 
-# ---- the attention wrapper ------------------------------------------------------------------------------------
+# ---- the attention hook --------------------------------------------------------------------------------------
 class PrefixCache:
     """Stands in for the model's KV cache inside one attention call: real keys and values go to (and come
     from) the real cache, and the prefix goes in front; ``get_seq_length`` counts the prefix as past tokens
@@ -173,44 +198,30 @@ class PrefixCache:
         return self.keys.shape[2] + (self.real.get_seq_length(layer_idx) if self.real is not None else 0)
 
 
-class PrefixAttention(AdapterLayer):
-    """Wraps one attention module; while a call's prefix is pending, attention sees [prefix ; keys]."""
+PENDING = "peftkit_prefix"  # attribute on a hooked attention module: this call's (keys, values, valid)
 
-    adapter_other_names = ("prefix_adapters",)
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.prefix_adapters: dict[str, None] = {}
-        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # keys, values, valid
-        params = inspect.signature(base_layer.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.mask_arg = "attention_mask" if "attention_mask" in params else "mask"
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.prefix_adapters)
-
-    def update_layer(self, adapter_name: str, config: PrefixTuningConfig, module_name: str) -> None:
-        self.prefix_adapters[adapter_name] = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.pending is None:
-            return self.base_layer(*args, **kwargs)
-        hidden = args[0] if args else kwargs["hidden_states"]
-        batch, length = hidden.shape[:2]
-        keys, values, valid = (hf.for_rows(t, batch) for t in self.pending)  # (B, H, P, d) x2, (B, P)
-        source = kwargs.get("key_value_states")
-        source = kwargs.get("encoder_hidden_states") if source is None else source
-        cache = kwargs.pop("cache", None)
-        cache = kwargs.pop("past_key_values", None) if cache is None else cache
-        real = None if source is not None or cache is None else getattr(cache, "self_attention_cache", cache)
-        past = real.get_seq_length(getattr(self.get_base_layer(), "layer_idx", 0) or 0) if real is not None else 0
-        kwargs[self.cache_arg] = PrefixCache(real, keys, values)
-        keys_len = source.shape[1] if source is not None else past + length
-        causal = source is None and kwargs.get("is_causal", getattr(self.get_base_layer(), "is_causal", False))
-        mask = extend_mask(kwargs.get(self.mask_arg), valid, length, keys_len, bool(causal), hidden.dtype)
-        kwargs[self.mask_arg] = mask
-        return self.base_layer(*args, **kwargs)
+def _add_prefix(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on an attention module: swap its cache for a PrefixCache and widen its mask."""
+    pending = module.__dict__.get(PENDING)
+    if pending is None:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    batch, length = hidden.shape[:2]
+    keys, values, valid = (hf.for_rows(t, batch) for t in pending)  # (B, H, P, d) x2, (B, P)
+    source = kwargs.get("key_value_states")
+    source = kwargs.get("encoder_hidden_states") if source is None else source
+    cache = kwargs.pop("cache", None)
+    cache = kwargs.pop("past_key_values", None) if cache is None else cache
+    real = None if source is not None or cache is None else getattr(cache, "self_attention_cache", cache)
+    past = real.get_seq_length(getattr(module, "layer_idx", 0) or 0) if real is not None else 0
+    params = inspect.signature(module.forward).parameters
+    kwargs["cache" if "cache" in params else "past_key_values"] = PrefixCache(real, keys, values)
+    mask_arg = "attention_mask" if "attention_mask" in params else "mask"
+    keys_len = source.shape[1] if source is not None else past + length
+    causal = source is None and kwargs.get("is_causal", getattr(module, "is_causal", False))
+    kwargs[mask_arg] = extend_mask(kwargs.get(mask_arg), valid, length, keys_len, bool(causal), hidden.dtype)
+    return args, kwargs
 
 
 def extend_mask(
@@ -246,16 +257,15 @@ def extend_mask(
 
 
 # ---- attaching ------------------------------------------------------------------------------------------------
-def attention_sites(model: nn.Module) -> list[str]:
+def attention_sites(model: nn.Module) -> list[nn.Module]:
     """Innermost attention modules that take a KV cache argument (one per self- or cross-attention)."""
-    found: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{site}.") for site in found if isinstance(model.get_submodule(site), PrefixAttention)):
-            continue
-        takes_cache = {"cache", "past_key_values"} & set(inspect.signature(module.forward).parameters)
-        if isinstance(module, PrefixAttention) or (type(module).__name__.endswith("Attention") and takes_cache):
-            found.append(name)
-    return [n for n in found if not any(other.startswith(f"{n}.") for other in found)]
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("Attention")
+        and {"cache", "past_key_values"} & set(inspect.signature(module.forward).parameters)
+    ]
+    return [m for n, m in found if not any(other.startswith(f"{n}.") for other, _ in found)]
 
 
 def fill_from_model(config: PrefixTuningConfig, model: nn.Module) -> None:
@@ -291,9 +301,8 @@ def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> N
     with Injection(model, adapter_name) as inj:
         table = inj.wrap(name, PrefixTable, config)
         table.create(adapter_name, config, len(sites))
-        for site in sites:
-            inj.wrap(site, PrefixAttention, config)
         add_modules_to_save(model, config, inj)
+    table.attach(sites)
 
 
 def prepare_inputs(model: nn.Module, call: Call) -> None:
@@ -303,18 +312,17 @@ def prepare_inputs(model: nn.Module, call: Call) -> None:
         return
     call.args, kwargs = hf.first_input(call.args, call.kwargs)
     source = kwargs.get("input_ids") if kwargs.get("inputs_embeds") is None else kwargs["inputs_embeds"]
-    sites = [m for m in model.modules() if isinstance(m, PrefixAttention)]
     found = table.prefixes(source.shape[0]) if isinstance(source, torch.Tensor) else None
-    for site in sites:
-        site.pending = None
+    for site in table.sites:
+        site.__dict__.pop(PENDING, None)
     if found is None:
         return
     prefixes, lengths = found  # (b, sites, 2, H, P, d), (b,)
     valid = hf.valid_columns(lengths, prefixes.shape[4])  # (b, P)
-    for i, site in enumerate(sites):
-        site.pending = (prefixes[:, i, 0], prefixes[:, i, 1], valid)
+    for i, site in enumerate(table.sites):
+        site.__dict__[PENDING] = (prefixes[:, i, 0], prefixes[:, i, 1], valid)
     if not (model.training and torch.is_grad_enabled()):  # training keeps it for activation-checkpoint replays
-        call.cleanup.callback(lambda: [setattr(site, "pending", None) for site in sites])
+        call.cleanup.callback(lambda: [site.__dict__.pop(PENDING, None) for site in table.sites])
     if not hf.is_encoder_decoder(model) and hf.accepts(model, "position_ids"):
         kwargs["position_ids"] = (
             _positions(kwargs, source, call.for_generate) + hf.for_rows(lengths, len(source))[:, None]

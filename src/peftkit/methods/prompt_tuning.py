@@ -187,9 +187,9 @@ def prepare_inputs(model: nn.Module, call: Call) -> None:
     if kwargs.get("encoder_outputs") is not None or (not encoder_decoder and hf.cache_length(kwargs) > 0):
         _extend_mask_only(model, kwargs, lengths, prompts.shape[1])  # a later decoding step: prompt already seen
     elif call.for_generate and not encoder_decoder and kwargs.get("inputs_embeds") is None:
-        _generate_with_prompt(model, call, layer, prompts, lengths)
+        _generate_with_prompt(model, call, prompts, lengths)
     else:
-        _prepend(model, call, layer, prompts, lengths, encoder_decoder)
+        _prepend(model, call, prompts, lengths, encoder_decoder)
 
 
 def _prompt_mask(lengths: torch.Tensor, longest: int, like: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -213,9 +213,7 @@ def _extend_mask_only(model: nn.Module, kwargs: dict, lengths: torch.Tensor, lon
         kwargs["position_ids"] = torch.arange(past, past + ids.shape[1], device=ids.device)[None] - pad[:, None]
 
 
-def _prepend(
-    model: nn.Module, call: Call, layer: PromptEmbedding, prompts: torch.Tensor, lengths: torch.Tensor, enc_dec: bool
-) -> None:
+def _prepend(model: nn.Module, call: Call, prompts: torch.Tensor, lengths: torch.Tensor, enc_dec: bool) -> None:
     """[prompt ; input] in inputs_embeds, with the mask, token types, labels and positions to match.
 
     Rows whose prompt is shorter than the longest: a causal model gets them left-padded (positions shifted so
@@ -226,7 +224,7 @@ def _prepend(
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     if embeds is None:
-        embeds = layer(ids)  # (B, T, d)
+        embeds = model.get_input_embeddings()(ids)  # (B, T, d), through any other adapter on the embeddings
     batch, length = embeds.shape[:2]
     longest = prompts.shape[1]
     pad = longest - lengths  # (B,) prompt padding of each row
@@ -275,9 +273,7 @@ def _take_inputs(tensor: torch.Tensor, first: torch.Tensor, length: int) -> torc
     return tensor.gather(1, index.view(*index.shape, *[1] * (tensor.dim() - 2)).expand(-1, -1, *tensor.shape[2:]))
 
 
-def _generate_with_prompt(
-    model: nn.Module, call: Call, layer: PromptEmbedding, prompts: torch.Tensor, lengths: torch.Tensor
-) -> None:
+def _generate_with_prompt(model: nn.Module, call: Call, prompts: torch.Tensor, lengths: torch.Tensor) -> None:
     """Decoder-only generate: placeholder ids stand for the prompt, so generate counts positions and the mask
     over P + T tokens; a hook swaps in the prompt vectors whenever the model reads the sequence from its start
     (the first step, or every step without a KV cache). The placeholders are cut from the output."""
@@ -296,7 +292,7 @@ def _generate_with_prompt(
         step_ids = hook_kwargs.get("input_ids")
         if step_ids is None or hf.cache_length(hook_kwargs) > 0 or step_ids.shape[1] < longest:
             return None
-        embeds = layer(step_ids)  # (b, L, d), b = batch * beams
+        embeds = model.get_input_embeddings()(step_ids)  # (b, L, d), b = batch * beams
         rows = hf.for_rows(prompts, embeds.shape[0]).to(embeds.dtype)
         hook_kwargs["inputs_embeds"] = torch.cat([rows, embeds[:, longest:]], dim=1)
         hook_kwargs["input_ids"] = None
