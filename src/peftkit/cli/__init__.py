@@ -1,0 +1,1 @@
+"""The `peftkit` command line (entry point: peftkit.cli.main:main)."""

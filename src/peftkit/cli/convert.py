@@ -1,0 +1,50 @@
+"""`peftkit convert`: validate an adapter and rewrite it in the requested format.
+
+peftkit writes Hugging Face peft's format (same adapter_config.json keys, same tensor names), so for the
+methods both libraries have (LoRA, (IA)3, prompt and prefix tuning) converting checks the files and rewrites
+them cleanly: the config parsed and re-written, tensor names normalised to peft's ``base_model.model.`` keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from peftkit.cli.common import adapter_folders, load_adapted
+from peftkit.core import io
+from peftkit.core.config import PeftConfig
+from peftkit.core.registry import config_from_dict
+from peftkit.errors import CheckpointError, ConfigError, choices
+
+FORMATS = ("peft", "peftkit")
+PEFT_TYPES = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING"}  # methods Hugging Face peft can load
+
+
+def convert(
+    source: str = typer.Argument(..., help="Adapter folder to read (peft's or peftkit's save_pretrained output)."),
+    output: str = typer.Argument(..., help="Folder to write."),
+    to: str = typer.Option("peft", "--to", help=f"Target format: {', '.join(FORMATS)}."),
+    model: str | None = typer.Option(None, "--model", help="Also check that the tensors fit this base model."),
+) -> None:
+    """Validate SOURCE (config, tensor names and shapes) and rewrite it to OUTPUT in the --to format."""
+    if to not in FORMATS:
+        raise ConfigError(f"--to {to!r} is not a format; use one of {choices(FORMATS)}.")
+    folders = adapter_folders(source)
+    if not folders:
+        raise CheckpointError(f"SOURCE {source!r} holds no adapter_config.json (nor sub-folders with one).")
+    for name, folder in folders.items():
+        config = config_from_dict(PeftConfig.read_dict(folder))
+        if to == "peft" and config.peft_type not in PEFT_TYPES:
+            raise ConfigError(
+                f"--to peft: adapter {name!r} is {config.peft_type}, which Hugging Face peft does not have "
+                f"(it loads {choices(PEFT_TYPES)}); keep it in peftkit's format with --to peftkit."
+            )
+        tensors = io.from_file_keys(io.load_tensors(folder))
+        if model is not None and name == io.DEFAULT_ADAPTER:
+            load_adapted(folder, model)  # raises CheckpointError naming what does not fit
+        target = io.adapter_dir(output, name)
+        config.save_pretrained(target)
+        io.save_tensors(io.to_file_keys(tensors), target)
+        size = sum(t.numel() for t in tensors.values())
+        typer.echo(f"{name}: {config.peft_type}, {len(tensors)} tensors, {size:,d} values -> {Path(target)}")

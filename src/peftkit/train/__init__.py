@@ -1,0 +1,6 @@
+"""Training: the loop (on accelerate), data loading and metrics; the Python API behind ``peftkit train``."""
+
+from peftkit.train.config import DEMO, TrainConfig
+from peftkit.train.trainer import Trainer, TrainResult, build_method_config, train
+
+__all__ = ["DEMO", "TrainConfig", "TrainResult", "Trainer", "build_method_config", "train"]

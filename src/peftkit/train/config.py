@@ -1,0 +1,170 @@
+"""TrainConfig: every setting of a training run, from Python, a YAML file or command-line flags.
+
+The command line is generated from these fields (their types and ``metadata["help"]``), so the CLI, the YAML
+keys and the Python API always agree. Method settings (``r``, ``lora_alpha``, ...) live in ``method_args`` and
+are checked by the method's own config class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import ConfigError, choices
+
+TASKS = ("auto", "classification", "causal_lm")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run. Field names are the YAML keys; ``--field-name`` are the flags."""
+
+    # ---- what to train ----------------------------------------------------------------------------------
+    model: str = field(default="minilm", metadata={"help": "A local model folder, or a built-in: 'minilm', 'smollm2'."})
+    data: str = field(
+        default="tweets",
+        metadata={"help": "A csv/tsv/json/jsonl file, a folder with train/dev files, or the built-in 'tweets'."},
+    )
+    task: str = field(default="auto", metadata={"help": f"One of {', '.join(TASKS)} (auto: from the data columns)."})
+    method: str = field(
+        default="lora", metadata={"help": "The PEFT method (see `peftkit train --help` for its flags)."}
+    )
+    method_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "The method's settings (YAML only; flags set them one by one)."}
+    )
+    output_dir: str = field(default="runs/train", metadata={"help": "Where the adapter, metrics and plots go."})
+    # ---- data --------------------------------------------------------------------------------------------
+    text_column: str | None = field(default=None, metadata={"help": "Text column (default: guessed)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text of a pair (e.g. sentence2)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column for classification."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt / instruction column (causal_lm)."})
+    response_column: str | None = field(default=None, metadata={"help": "Response column; the loss is only on it."})
+    dev_fraction: float = field(default=0.1, metadata={"help": "Dev share split off (seeded) when no dev file."})
+    max_train_rows: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_rows: int | None = field(default=None, metadata={"help": "Use at most this many dev rows."})
+    max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    # ---- optimisation -------------------------------------------------------------------------------------
+    batch_size: int = field(default=16, metadata={"help": "Rows per step per process (before accumulation)."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Rows per evaluation batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation: micro-batches per optimizer step."})
+    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Share of the steps spent warming the lr up from 0."})
+    schedule: str = field(default="linear", metadata={"help": f"lr decay after warmup: {', '.join(SCHEDULES)}."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored with max_steps)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to run (overrides epochs)."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm (None: no clip)."})
+    seed: int = field(default=0, metadata={"help": "Seed for initialisation, dropout and data order."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast where the device supports it."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: CPU cores / processes)."})
+    # ---- evaluation, checkpoints, output ------------------------------------------------------------------
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: at the end)."})
+    eval_before: bool = field(default=True, metadata={"help": "Evaluate once before training."})
+    metric_for_best: str | None = field(
+        default=None, metadata={"help": "Dev metric that picks the best checkpoint (default: accuracy / loss)."}
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+    )
+    save_steps: int | None = field(default=None, metadata={"help": "Write a resumable checkpoint every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep this many resumable checkpoints."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("Invalid training settings:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.task not in TASKS:
+            out.append(f"--task {self.task!r} is not a task; use one of {choices(TASKS)}.")
+        if self.schedule not in SCHEDULES:
+            out.append(f"--schedule {self.schedule!r} is not a schedule; use one of {choices(SCHEDULES)}.")
+        positive = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "save_total_limit")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                out.append(f"--{flag(name)} {getattr(self, name)!r} must be a positive integer.")
+        optional = ("max_steps", "eval_steps", "save_steps", "max_train_rows", "max_eval_rows", "threads")
+        for name in (*optional, "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                out.append(f"--{flag(name)} {value!r} must be a positive integer or left unset.")
+        if not self.lr > 0:
+            out.append(f"--lr {self.lr!r} must be > 0 (typical for adapters: 1e-4 to 1e-2).")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"--warmup-ratio {self.warmup_ratio!r} must be in [0, 1).")
+        if not 0 < self.dev_fraction < 1:
+            out.append(f"--dev-fraction {self.dev_fraction!r} must be in (0, 1).")
+        if self.max_steps is None and not self.epochs > 0:
+            out.append(f"--epochs {self.epochs!r} must be > 0 (or set --max-steps).")
+        if not isinstance(self.method_args, dict):
+            out.append(f"method_args={self.method_args!r} must be a mapping such as {{r: 8}}.")
+        return out
+
+    # ---- dict / YAML ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "the config") -> TrainConfig:
+        """Build from a dict (a parsed YAML file); unknown keys are an error that lists the valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown keys {choices(unknown)} in {source}. Valid keys: {choices(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_yaml(path), source=str(path))
+
+    def save_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {str(path)!r} is not a file; pass a YAML file such as run.yaml.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping of settings, not {type(data).__name__}.")
+    return data
+
+
+def flag(name: str) -> str:
+    """A field name as a command-line flag: ``max_length`` -> ``max-length``."""
+    return name.replace("_", "-")
+
+
+# The run `peftkit train` does with no arguments: LoRA on the real MiniLM, 3-way tweet sentiment, a few
+# minutes on 2 CPU cores. Tuned so that dev accuracy clearly beats the majority class (about 45%).
+DEMO: dict[str, Any] = {
+    "model": "minilm",
+    "data": "tweets",
+    "method": "lora",
+    "method_args": {"r": 8, "lora_alpha": 16, "target_modules": ["query", "key", "value", "dense"]},
+    "output_dir": "runs/demo",
+    "max_length": 48,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "max_steps": 240,
+    "eval_steps": 80,
+    "max_eval_rows": 1000,
+    "save_steps": 80,
+}

