@@ -30,7 +30,14 @@ from torch import nn
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.method import Method
-from peftkit.core.targeting import TargetingConfig, find_targets, is_conv1d_gpt2, model_type, resolve_targets
+from peftkit.core.targeting import (
+    TargetingConfig,
+    base_of,
+    find_targets,
+    is_conv1d_gpt2,
+    model_type,
+    resolve_targets,
+)
 from peftkit.errors import ConfigError
 
 UNMERGE_GUARD = 1e-3  # |scale| below this: the weight slice is copied at merge, not recovered by division
@@ -119,6 +126,9 @@ class IA3Config(TargetingConfig):
         out = super().to_dict()
         if isinstance(self.feedforward_modules, (set, tuple)):
             out["feedforward_modules"] = sorted(self.feedforward_modules)
+        for key in ("layers_to_transform", "layers_pattern"):  # not in peft's IA3Config: written only when used
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
     def is_feedforward(self, module_name: str) -> bool:
@@ -313,6 +323,8 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     if config.feedforward_modules is None:
         config.feedforward_modules = list(DEFAULT_FEEDFORWARD.get(model_type(model), []))
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
+    # layers detect the (in, out) storage themselves; the saved flag says so, as peft writes it for GPT-2
+    config.fan_in_fan_out = any(is_conv1d_gpt2(base_of(model.get_submodule(n))) for n in targets)
     inject_layers(model, config, adapter_name, targets, dispatch)
 
 
