@@ -176,3 +176,18 @@ def test_per_row_routing_with_parallel_adapters_on_t5():
         torch.testing.assert_close(mixed[row], output(pm, inputs)[row], atol=TOL, rtol=0)
     with pm.disable_adapter():
         torch.testing.assert_close(mixed[2], output(pm, inputs)[2], atol=TOL, rtol=0)
+
+
+def test_task_head_copy_of_the_last_adapter_runs_under_a_block():
+    base = build("bert")
+    pm = get_peft_model(base, BottleneckConfig(task_type="SEQ_CLS"), adapter_name="a")
+    pm.add_adapter("b", BottleneckConfig(task_type="SEQ_CLS"))
+    pm.add_adapter("a,b", BottleneckConfig(fusion_of=["a", "b"], task_type="SEQ_CLS"))
+    pm.set_adapter(Fusion("a", "b"))
+    head = pm.get_base_model().classifier
+    with torch.no_grad():
+        head.modules_to_save["a,b"].bias.add_(1.0)
+    assert head._current() is head.modules_to_save["a,b"]
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("modules_to_save.a,b" in n for n in trainable)
+    assert not any("modules_to_save.a." in n or "modules_to_save.b." in n for n in trainable)

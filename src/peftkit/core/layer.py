@@ -154,6 +154,7 @@ class ModulesToSave(AdapterLayer):
     """A trainable copy of a whole module per adapter (e.g. a classifier head), saved with the adapter."""
 
     adapter_param_names = ("modules_to_save",)
+    composable = True  # under a composition block (core/compose.py) the copy of its last adapter runs
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
