@@ -7,6 +7,7 @@ sub-folder of --output-dir. A method that fails gets a row with its error; the o
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import Any, get_type_hints
 
 import typer
 
-from peftkit.cli.options import build_train_config, extend_signature, method_configs, parse_value, train_parameters
+from peftkit.cli.options import (
+    HIDDEN_METHOD_FIELDS,
+    build_train_config,
+    extend_signature,
+    method_configs,
+    parse_value,
+    train_parameters,
+)
 from peftkit.core import io
 from peftkit.core.registry import method_names
 from peftkit.errors import ConfigError, PeftkitError, choices
@@ -30,14 +38,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if key not in configs:
         raise ConfigError(f"--method {spec!r}: {name!r} is not a registered method; choose from {choices(configs)}.")
     hints = get_type_hints(configs[key])
+    valid = [f.name for f in dataclasses.fields(configs[key]) if f.name not in HIDDEN_METHOD_FIELDS]
     args: dict[str, Any] = {}
     for item in re.split(r",(?![^\[{]*[\]}])", rest) if rest else []:
         field, eq, value = item.partition("=")
         field = field.strip()
-        if not eq or field not in hints:
+        if not eq or field not in valid:
             raise ConfigError(
-                f"--method {spec!r}: {item!r} is not a setting of {key}; write name=value with one of "
-                f"{choices(h for h in hints if h not in ('task_type', 'base_model_name_or_path'))}."
+                f"--method {spec!r}: {field!r} is not a setting of {key}; "
+                f"write name=value with one of {choices(valid)}."
             )
         args[field] = parse_value(f"--method {key}:{field}", value.strip(), hints[field])
     return key, args

@@ -40,7 +40,7 @@ def inspect(
 def _show_checkpoint(folders: dict[str, Path]) -> None:
     for name, folder in folders.items():
         config = PeftConfig.read_dict(folder)
-        tensors = io.from_file_keys(io.load_tensors(folder))
+        tensors = io.load_tensors(folder)  # keys as stored (peft's names)
         size = (folder / io.WEIGHTS_NAME).stat().st_size
         typer.echo(
             f"adapter {name!r}: {config.get('peft_type')} task_type={config.get('task_type')} "

@@ -59,6 +59,7 @@ def generate(
     tok = adapted.tokenizer
     for text in prompt:
         enc = tok(D.prompt_text({"prompt": text}, columns, tok), return_tensors="pt")
+        enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # decoders take no token_type_ids
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
             out = adapted.model.generate(

@@ -81,7 +81,8 @@ def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Modul
 
     folder = resolve_model(ref)
     if task == "classification":
-        labels = labels or ["0", "1"]
+        if labels is None:  # keep the folder's own head size (2 for a model saved without one)
+            return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         return AutoModelForSequenceClassification.from_pretrained(
             folder,
             num_labels=len(labels),
