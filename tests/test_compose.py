@@ -191,3 +191,20 @@ def test_task_head_copy_of_the_last_adapter_runs_under_a_block():
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert any("modules_to_save.a,b" in n for n in trainable)
     assert not any("modules_to_save.a." in n or "modules_to_save.b." in n for n in trainable)
+
+
+def test_parallel_generate_returns_each_adapters_tokens():
+    pm = get_peft_model(build("llama"), BottleneckConfig(preset="parallel", mh_adapter=True), adapter_name="a")
+    pm.add_adapter("b", BottleneckConfig(preset="houlsby"))
+    perturb(pm, "a", seed=1, scale=0.5)
+    perturb(pm, "b", seed=2, scale=0.5)
+    pm.eval()
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    alone = {}
+    for name in ("a", "b"):
+        pm.set_adapter(name)
+        alone[name] = pm.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert not torch.equal(alone["a"], alone["b"])
+    pm.set_adapter(Parallel("a", "b"))
+    both = pm.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert both[:2].tolist() == alone["a"].tolist() and both[2:].tolist() == alone["b"].tolist()

@@ -347,6 +347,8 @@ class BottleneckLayer(AdapterLayer):
             if not live:
                 return out
             new = h + sum(self._apply(name, h, x, None) - h for name in live)  # plain list: effects add
+        for tap in self.taps.values():  # the block's input is used once; do not keep it (or its graph) alive
+            tap.x = None
         return (new, *out[1:]) if isinstance(out, tuple) else new
 
     def _routed(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
