@@ -64,6 +64,18 @@ def test_every_attention_module_is_hooked_and_unload_removes_the_hooks():
         assert all(not m._forward_pre_hooks for m in sites)
 
 
+def test_a_deep_copy_unloads_without_touching_the_original():
+    import copy
+
+    pm, _ = make("llama")
+    inputs = batch("llama", rows=2)
+    with torch.no_grad():
+        before = pm(**inputs).logits
+        plain = copy.deepcopy(pm).unload()
+        torch.testing.assert_close(pm(**inputs).logits, before, atol=0, rtol=0)
+        assert not torch.allclose(plain(**inputs).logits, before, atol=1e-3)
+
+
 # ---- equals a hand-built KV cache -------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_decoder_prefix_equals_past_key_values(kind):

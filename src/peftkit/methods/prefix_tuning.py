@@ -98,20 +98,23 @@ class PrefixTable(AdapterLayer):
         self.prefix_encoder = nn.ModuleDict()  # or its MLP (prefix_projection)
         self.shapes: dict[str, tuple[int, int, int, int]] = {}  # (P, sites, H, d)
         self.sites: list[nn.Module] = []  # the hooked attention modules (a plain list: not submodules)
-        self._hooks: list[Any] = []
 
     def attach(self, sites: list[nn.Module]) -> None:
         """Hook the attention modules (once, for every prefix adapter of this table)."""
-        if not self._hooks:
+        if not self.sites:
             self.sites = sites
-            self._hooks = [site.register_forward_pre_hook(_add_prefix, with_kwargs=True) for site in sites]
+            for site in sites:
+                site.register_forward_pre_hook(_add_prefix, with_kwargs=True)
 
     def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
+        """Remove the hooks. Found by identity in the module's hook dict rather than through handles, which
+        would still point at the original modules in a deep copy of the model."""
         for site in self.sites:
+            for key in [k for k, hook in site._forward_pre_hooks.items() if hook is _add_prefix]:
+                del site._forward_pre_hooks[key]
+                site._forward_pre_hooks_with_kwargs.pop(key, None)
             site.__dict__.pop(PENDING, None)
-        self._hooks, self.sites = [], []
+        self.sites = []
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
