@@ -260,23 +260,58 @@ class LoraLinear(LoraLayer):
         delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (..., out)
-        if self.routing is not None and not self.disabled:
-            return result + self._routed(x).to(result.dtype) if self.has_routed_adapters() else result
-        for name in self.live_adapters():
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))  # (..., r)
-            result = result + (lora_b(h) * self.scaling[name]).to(result.dtype)
-        return result
+    def _plain_weight(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The base weight as (in, out) when the base is a plain Linear / Conv1D this call can bypass, else None."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear or (self.fan_in_fan_out and is_conv1d_gpt2(base))
+        if (
+            not plain
+            or args
+            or kwargs
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks
+        ):
+            return None
+        weight = base.weight
+        if x.dtype != weight.dtype or weight.dtype != next(iter(self.lora_A.values())).weight.dtype:
+            return None
+        return weight if self.fan_in_fan_out else weight.T
 
-    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """W x + b + sum_a s_a B_a A_a x. On a plain base layer the low-rank terms (and b) are computed first and
+        the base GEMM accumulates into them (``addmm``), which saves two passes over the output."""
+        routed = self.routing is not None and not self.disabled
+        live = self.live_adapters() if not routed else []
+        if not live and not (routed and self.has_routed_adapters()):
+            return self.base_layer(x, *args, **kwargs)
+        weight_t = self._plain_weight(x, *args, **kwargs)  # (in, out) or None
+        if weight_t is None:
+            result = self.base_layer(x, *args, **kwargs)  # (..., out)
+            delta = self._routed(x, None) if routed else self._delta(x.reshape(-1, x.shape[-1]), live, None)
+            return result + delta.reshape(result.shape).to(result.dtype)
+        bias = self.base_layer.bias
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)
+        return torch.addmm(delta.reshape(x2.shape[0], -1), x2, weight_t).reshape(*x.shape[:-1], -1)
+
+    def _delta(self, x2: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
+        """bias + sum_a s_a (x A_a^T) B_a^T for rows x2 (N, in); the scale is applied to the small (N, r) term."""
+        acc = bias
+        for name in names:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = lora_a(self.lora_dropout[name](x2.to(lora_a.weight.dtype))) * self.scaling[name]  # (N, r)
+            acc = torch.mm(h, lora_b.weight.T) if acc is None else torch.addmm(acc, h, lora_b.weight.T)  # (N, out)
+        return acc
+
+    def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Each row through its own adapter with two batched matmuls over gathered factors (no row loop)."""
         a_stack, b_stack = self.stacked_factors(x.dtype)  # (n, in, r), (n, r, out)
         rows = self.routing.rows(x.shape[0])  # (B,)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        delta = torch.bmm(torch.bmm(flat, a_stack[rows]), b_stack[rows])  # (B, T, out)
-        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+        h = torch.bmm(flat, a_stack[rows])  # (B, T, r)
+        b_rows = b_stack[rows]  # (B, r, out)
+        return torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)  # (B, T, out)
 
 
 class LoraEmbedding(LoraLayer):
