@@ -82,3 +82,11 @@ def test_peft_projection_checkpoint_is_refused_clearly(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     flat = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)  # peft saved the MLP's output
     assert PeftModel.from_pretrained(tiny_llama(), tmp_path, config=flat).peft_config["default"].num_layers == 2
+
+
+def test_peft_t5_prefix_file_is_refused_by_shape(tmp_path):
+    """peft gives T5's encoder no prefix, so its table is narrower than peftkit's (encoder, self, cross)."""
+    config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    peft.get_peft_model(tiny_t5(), config).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        PeftModel.from_pretrained(tiny_t5(), tmp_path)

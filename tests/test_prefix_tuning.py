@@ -303,3 +303,16 @@ def test_real_smollm2_generate_equals_hand_built_reference():
     for use_cache in (True, False):
         tokens = pm.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False, use_cache=use_cache)
         assert tokens[0].tolist() == greedy_reference(pm, ids, 5)
+
+
+def test_beam_search_with_routing_equals_each_row_alone():
+    pm, _ = make("llama", tokens=2)
+    pm.add_adapter("long", PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"))
+    ids = batch("llama", rows=2, length=4)["input_ids"]
+    settings = {"max_new_tokens": 4, "do_sample": False, "num_beams": 3}
+    mixed = pm.generate(input_ids=ids, adapter_names=["long", "default"], **settings)
+    for i, name in enumerate(["long", "default"]):
+        pm.set_adapter(name)
+        alone = pm.generate(input_ids=ids[i : i + 1], **settings)
+        assert mixed[i].tolist() == alone[0].tolist()
+        assert pm.generate(input_ids=ids[i : i + 1], use_cache=False, **settings).tolist() == alone.tolist()

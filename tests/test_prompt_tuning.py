@@ -253,3 +253,12 @@ def test_text_init_copies_the_embeddings_of_the_text_on_real_minilm():
         torch.testing.assert_close(
             pm(**inputs).last_hidden_state, base(inputs_embeds=embeds).last_hidden_state[:, 5:], atol=TOL, rtol=0
         )
+
+
+def test_beam_search_equals_the_base_model_on_prompt_then_input():
+    pm, base = llama_pm()
+    ids = batch("llama", rows=2, length=5)["input_ids"]
+    embeds = torch.cat([prompt_of(pm).expand(2, -1, -1), base.get_input_embeddings()(ids)], dim=1)
+    settings = {"max_new_tokens": 4, "do_sample": False, "num_beams": 3}
+    reference = base.generate(inputs_embeds=embeds, attention_mask=torch.ones(2, 8, dtype=torch.long), **settings)
+    assert pm.generate(input_ids=ids, **settings)[:, 5:].tolist() == reference.tolist()
