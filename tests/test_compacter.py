@@ -105,3 +105,15 @@ def test_real_minilm_counts():
     # d = 384, k = 384 / 32 = 12, n = 4, 6 layers
     assert counts == {"compacter": parameter_count(384, 12, 4, 12), "compacter++": parameter_count(384, 12, 4, 6)}
     assert counts == {"compacter": 14_320, "compacter++": 7_192}
+
+
+def test_dtype_conversion_keeps_the_rule_shared():
+    base = build("llama")
+    reference = copy.deepcopy(base).double()
+    pm = get_peft_model(base, CompacterConfig(bottleneck_size=8)).double()
+    rules = {id(layer.compacter_rule["default"].phm_rule) for layer in compacter_layers(pm)}
+    assert len(rules) == 1
+    inputs = batch("llama")
+    out = output(pm, inputs)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, output(reference, inputs), atol=1e-10, rtol=0)

@@ -105,7 +105,7 @@ def test_fusion_trains_only_the_fusion_layer_and_follows_the_attention_formula()
     pm.eval()
     x = torch.randn(2, 3, 64)
     h = layer.base_layer(x)
-    outs = [layer._apply("a", h, x, None), layer._apply("b", h, x, None)]
+    outs = [layer._compose("a", h, x, None), layer._compose("b", h, x, None)]
     q = fusion.query(h)
     scores = torch.stack([(fusion.key(o) * q).sum(-1) for o in outs], dim=-1).softmax(-1)  # (B, T, 2)
     expected = h + sum(scores[..., i : i + 1] * fusion.value(o - h) for i, o in enumerate(outs))

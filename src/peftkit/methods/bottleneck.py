@@ -341,12 +341,12 @@ class BottleneckLayer(AdapterLayer):
         if self.routing is not None:
             new = self._routed(h, x)
         elif self.composition is not None:
-            new = self._apply(self.composition, h, x, None)
+            new = self._compose(self.composition, h, x, None)
         else:
             live = self.live_adapters()
             if not live:
                 return out
-            new = h + sum(self._apply(name, h, x, None) - h for name in live)  # plain list: effects add
+            new = h + sum(self._compose(name, h, x, None) - h for name in live)  # plain list: effects add
         for tap in self.taps.values():  # the block's input is used once; do not keep it (or its graph) alive
             tap.x = None
         return (new, *out[1:]) if isinstance(out, tuple) else new
@@ -356,17 +356,17 @@ class BottleneckLayer(AdapterLayer):
         new = h.clone()
         for name, idx in self.routed_groups(h.shape[0]):
             x_rows = x[idx] if isinstance(x, torch.Tensor) and x.shape[:1] == h.shape[:1] else x
-            new[idx] = self._apply(name, h[idx], x_rows, idx).to(new.dtype)
+            new[idx] = self._compose(name, h[idx], x_rows, idx).to(new.dtype)
         return new
 
-    def _apply(self, plan: str | Composition, h: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None):
+    def _compose(self, plan: str | Composition, h: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None):
         """The output of ``plan`` (an adapter name or a block) on h; adapters absent here act as the identity."""
         if isinstance(plan, Stack):
             for child in plan.children:
-                h = self._apply(child, h, x, rows)
+                h = self._compose(child, h, x, rows)
             return h
         if isinstance(plan, Average):
-            return sum(w * self._apply(c, h, x, rows) for c, w in zip(plan.children, plan.weights))
+            return sum(w * self._compose(c, h, x, rows) for c, w in zip(plan.children, plan.weights))
         if isinstance(plan, Fusion):
             return self._fuse(plan.name, list(plan.children), h, x, rows)
         if plan in self.fusion_of:
@@ -379,7 +379,7 @@ class BottleneckLayer(AdapterLayer):
         if name not in self.bottleneck_fusion:
             return h
         fusion = self.bottleneck_fusion[name]
-        outputs = [self._apply(c, h, x, rows).to(fusion.value.weight.dtype) for c in children]
+        outputs = [self._compose(c, h, x, rows).to(fusion.value.weight.dtype) for c in children]
         return fusion(h.to(fusion.value.weight.dtype), outputs).to(h.dtype)
 
     def _project(self, name: str, which: str, z: torch.Tensor) -> torch.Tensor:
