@@ -32,6 +32,14 @@ class Method:
                    ``call.kwargs`` (prepend soft prompts, extend the attention mask), register cleanups on
                    ``call.cleanup`` and output transforms in ``call.outputs``. It reads which adapters are live
                    (active, disabled, per-row routing) from its own AdapterLayers, as their forward does.
+    combine:       optional ``f(peft_model, adapters, weights, new_name, combination_type, **options)``: add
+                   adapter ``new_name`` as a weighted combination of loaded ones (PeftModel.add_weighted_adapter;
+                   the tensor arithmetic lives in :mod:`peftkit.core.merge`); None: the method cannot combine.
+    hotswap:       optional ``f(peft_model, adapter_name, config, tensors)``: overwrite a loaded adapter's tensors
+                   in place from a checkpoint's (model-relative keys), without re-injecting; None: the core copies
+                   tensors of identical shapes.
+    prepare_hotswap: optional ``f(peft_model, target_rank)``: make later hot-swaps shape- and value-stable under
+                   torch.compile (pad ranks, turn Python scalars into tensors).
     """
 
     name: str
@@ -42,6 +50,9 @@ class Method:
     merge_hint: str = ""
     extra_trainable: Callable[[nn.Module, PeftConfig], dict[str, nn.Parameter]] | None = None
     prepare_inputs: Callable[[nn.Module, Call], None] | None = None
+    combine: Callable[..., None] | None = None
+    hotswap: Callable[..., None] | None = None
+    prepare_hotswap: Callable[..., None] | None = None
 
 
 @dataclass
