@@ -315,3 +315,15 @@ def test_beam_search_with_routing_equals_each_row_alone():
         alone = pm.generate(input_ids=ids[i : i + 1], **settings)
         assert mixed[i].tolist() == alone[0].tolist()
         assert pm.generate(input_ids=ids[i : i + 1], use_cache=False, **settings).tolist() == alone.tolist()
+
+
+def test_eager_attention_equals_sdpa():
+    """The mask is widened in both formats: sdpa's boolean / absent mask and eager's additive one."""
+    pm, base = make("llama")
+    inputs = batch("llama", rows=2)
+    inputs["attention_mask"][1, :2] = 0  # left padding in row 1
+    with torch.no_grad():
+        sdpa = pm(**inputs).logits
+        base.config._attn_implementation = "eager"
+        eager = pm(**inputs).logits
+    torch.testing.assert_close(eager[:, 2:], sdpa[:, 2:], atol=TOL, rtol=0)
