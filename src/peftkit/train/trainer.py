@@ -162,6 +162,7 @@ class Trainer:
         self.main = self.acc.is_main_process
         self.out = Path(config.output_dir)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self._threads_before = torch.get_num_threads()  # restored when train() ends
         torch.set_num_threads(config.threads or max(1, cores // self.acc.num_processes))
         self._seed_everything(config.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
@@ -384,6 +385,12 @@ class Trainer:
         return None
 
     def train(self, resume: bool = False) -> TrainResult:
+        try:
+            return self._train(resume)
+        finally:
+            torch.set_num_threads(self._threads_before)
+
+    def _train(self, resume: bool) -> TrainResult:
         c = self.config
         if resume:
             self.load_checkpoint(self.latest_checkpoint())
