@@ -11,7 +11,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from peftkit.core.inject import replace_module
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.errors import MergeError
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -21,10 +22,33 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 
 def merge_layers(model: nn.Module, adapter_names: Iterable[str]) -> None:
     names = list(adapter_names)
-    for _, layer in adapter_layers(model):
+    plan = []
+    for path, layer in adapter_layers(model):
         todo = [n for n in names if n in layer.adapter_names and n not in layer.merged_adapters]
         if todo:
-            layer.merge(todo)
+            plan.append((path, layer, todo))
+    check_not_tied(model, [(path, layer) for path, layer, _ in plan if not isinstance(layer, ModulesToSave)])
+    for _, layer, todo in plan:
+        layer.merge(todo)
+
+
+def check_not_tied(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Refuse to merge into a base tensor another module shares (tied input / output embeddings): the merge
+    would change that module too, so merged output would differ from unmerged output."""
+    if not layers:
+        return
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for path, layer in layers:
+        for param in layer.get_base_layer().parameters():
+            others = [n for n in owners.get(id(param), []) if not n.startswith(path + ".")]
+            if others:
+                raise MergeError(
+                    f"Cannot merge into {path!r}: its base weight is shared with {others[0]!r} (tied weights), "
+                    "so merging would change that module too. Keep the adapter unmerged, or untie the weights "
+                    "first (e.g. copy the output embedding's weight into its own nn.Parameter)."
+                )
 
 
 def unmerge_layers(model: nn.Module) -> None:

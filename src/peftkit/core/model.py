@@ -68,9 +68,15 @@ class PeftModel(nn.Module):
         self._composition: Composition | None = None  # set_adapter(Stack(...)) etc.; None: effects add
         self._extra: dict[str, dict[str, nn.Parameter]] = {}
         self._disabled = False
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
+        try:
+            self.add_adapter(adapter_name, peft_config)
+        except Exception:  # nothing half-applied: the model keeps its requires_grad flags
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
@@ -369,9 +375,26 @@ class PeftModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
 
+    def _base_copies(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """File tensors ``<layer>.base_layer.<param>`` that are copies of a base weight this adapter wraps (peft
+        writes them with ``save_embedding_layers``, e.g. for a targeted, possibly resized, embedding) mapped to
+        that base parameter. Loaded into the base layer as peft does; layers holding merged adapters are left out."""
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in adapter_layers(self.model):
+            if adapter_name not in layer.adapter_names or layer.merged_adapters:
+                continue
+            for key in tensors:
+                if key.startswith(f"{path}.base_layer."):
+                    try:
+                        out[key] = layer.get_parameter(key[len(path) + 1 :])
+                    except AttributeError:
+                        continue
+        return out
+
     def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
-        expected = self.adapter_state_dict(adapter_name)
-        missing = sorted(set(expected) - set(tensors))
+        own = self.adapter_state_dict(adapter_name)
+        expected = {**self._base_copies(adapter_name, tensors), **own}
+        missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         wrong = [
             f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
