@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core import io
+from peftkit.core import combine, io
 from peftkit.core.compose import COMPOSITION_FILE, Composition, Parallel, composition_from_dict
 from peftkit.core.config import PeftConfig, atomic_write_bytes
 from peftkit.core.inject import replace_module
@@ -305,6 +305,34 @@ class PeftModel(nn.Module):
         """Remove every adapter and return the base model with its original weights."""
         unmerge_layers(self.model)
         return unload_layers(self.model, merge=False)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name``: a weighted combination of loaded adapters of one method (not made active).
+
+        LoRA: ``linear``, ``cat``, ``svd`` (rank ``svd_rank``), ``ties``, ``dare_linear``, ``dare_ties`` and
+        ``magnitude_prune`` (``density``, ``majority_sign_method``); the formulas are in :mod:`peftkit.core.combine`.
+        """
+        combine.add_weighted_adapter(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank=svd_rank,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            **options,
+        )
 
     def auxiliary_loss(self) -> torch.Tensor | float:
         """Sum of the active adapters' regularisers (0.0 when no method defines one); add it to the loss."""
