@@ -13,7 +13,9 @@ from peftkit import (
     BitFitConfig,
     BottleneckConfig,
     CompacterConfig,
+    DiffPruningConfig,
     IA3Config,
+    LayerFreezeConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -42,4 +44,13 @@ CASES: dict[str, Case] = {
     ),
     "IA3": Case(lambda kind: IA3Config(task_type=TASKS[kind])),  # peft's defaults: key, value, feed-forward
     "BITFIT": Case(lambda kind: BitFitConfig(add_missing_bias=kind == "llama", task_type=TASKS[kind])),
+    # the last block, plus the embeddings (BERT: position ids are one row shared by the batch) / the final norm
+    "FREEZE": Case(
+        lambda kind: LayerFreezeConfig(
+            trainable_layers=1,
+            trainable_modules=["embeddings"] if kind == "bert" else ["norm"],
+            task_type=TASKS[kind],
+        )
+    ),
+    "DIFF": Case(lambda kind: DiffPruningConfig(target_modules="all", task_type=TASKS[kind])),
 }

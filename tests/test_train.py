@@ -256,3 +256,33 @@ def test_two_process_ddp_matches_one_process(files, tmp_path):
     multi = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert multi["history"]["train_loss"] == pytest.approx(single.history["train_loss"], abs=1e-5)
     assert multi["after"] == pytest.approx(single.after, abs=1e-6)
+
+
+# ---- interop with transformers' Trainer ------------------------------------------------------------------------------
+def test_a_peftkit_model_trains_under_transformers_trainer(files, tmp_path):
+    """transformers.Trainer sees a PeftModel as any model: only the adapter and head change, the base stays."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    from peftkit import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(files["bert"])
+    rows = T.sentiment_rows(64)
+    labels = D.label_names(rows, "label")
+    examples = D.encode_classification(rows, D.Columns("classification", text="text", label="label"), tok, labels, 32)
+    pm = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(files["bert"]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
+        save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True, remove_unused_columns=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=pm, args=args, train_dataset=examples, data_collator=lambda b: D.collate(b, tok.pad_token_id)
+    )
+    trainer.train()
+    changed = {n for n, p in pm.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in changed) and any("classifier" in n for n in changed)
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)

@@ -8,6 +8,8 @@ from peftkit.core.registry import method_names
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
+from peftkit.methods.diff_pruning import DiffPruningConfig
+from peftkit.methods.freeze import LayerFreezeConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -21,8 +23,10 @@ __all__ = [
     "BitFitConfig",
     "BottleneckConfig",
     "CompacterConfig",
+    "DiffPruningConfig",
     "Fusion",
     "IA3Config",
+    "LayerFreezeConfig",
     "LoraConfig",
     "Parallel",
     "PeftConfig",

@@ -109,6 +109,16 @@ class AdapterLayer(nn.Module):
                 out.update({f"{attr}.{k}": v for k, v in item.state_dict(keep_vars=True).items()})
         return out
 
+    def file_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """What save_pretrained writes for this adapter (relative keys). By default its live tensors; a method
+        whose checkpoint layout differs from its training layout (diff pruning's sparse delta) converts here."""
+        return self.adapter_state_dict(adapter_name)
+
+    def load_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This layer's checkpoint tensors (relative keys, as ``file_state_dict`` wrote them) -> tensors that fit
+        ``adapter_state_dict`` (keys and shapes), which the loader then checks and copies. By default unchanged."""
+        return tensors
+
     # ---- merging ----------------------------------------------------------------------------------------
     def merge(self, adapter_names: list[str]) -> None:
         raise MergeError(f"{type(self).__name__} cannot be merged into the base weights.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,6 +40,8 @@ class Method:
                    tensors of identical shapes.
     prepare_hotswap: optional ``f(peft_model, target_rank)``: make later hot-swaps shape- and value-stable under
                    torch.compile (pad ranks, turn Python scalars into tensors).
+    functions:     extra operations ``{name: f(peft_model, *args, **kwargs)}`` that PeftModel exposes as
+                   ``peft_model.<name>(...)`` while an adapter of this method is loaded (diff pruning's ``finalize``).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Method:
     combine: Callable[..., None] | None = None
     hotswap: Callable[..., None] | None = None
     prepare_hotswap: Callable[..., None] | None = None
+    functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass

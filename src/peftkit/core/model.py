@@ -8,6 +8,7 @@ their :class:`peftkit.core.method.Method` entry in the registry.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -91,6 +92,10 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "peft_config", "_active", "_extra", "_composition"):
                 raise
+            for config in self.__dict__.get("peft_config", {}).values():  # a method's own operations
+                function = method_of(config).functions.get(name)
+                if function is not None:
+                    return functools.partial(function, self)
             return getattr(self.base_model.model, name)
 
     def get_base_model(self) -> nn.Module:
@@ -357,12 +362,13 @@ class PeftModel(nn.Module):
             self.model.enable_input_require_grads()
 
     # ---- checkpoints ------------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under model-relative names (no adapter name), as saved."""
+    def adapter_state_dict(self, adapter_name: str, for_file: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under model-relative names (no adapter name); with ``for_file``, in the layout
+        save_pretrained writes (``AdapterLayer.file_state_dict``: the same tensors for most methods)."""
         self._check_exists(adapter_name)
         out: dict[str, torch.Tensor] = {}
         for path, layer in adapter_layers(self.model):
-            state = layer.adapter_state_dict(adapter_name)
+            state = layer.file_state_dict(adapter_name) if for_file else layer.adapter_state_dict(adapter_name)
             out.update({k if k in layer.root_state_keys else f"{path}.{k}": v for k, v in state.items()})
         out.update(self._extra.get(adapter_name, {}))
         return out
@@ -379,7 +385,7 @@ class PeftModel(nn.Module):
             self._check_exists(name)
         for name in names:
             folder = io.adapter_dir(save_directory, name)
-            io.save_tensors(io.to_file_keys(self.adapter_state_dict(name)), folder)
+            io.save_tensors(io.to_file_keys(self.adapter_state_dict(name, for_file=True)), folder)
             self.peft_config[name].replace(inference_mode=True).save_pretrained(folder)
         if self._composition is not None and set(self._composition.adapters()) <= set(names):
             text = json.dumps({"active": self._composition.to_dict()}, indent=2) + "\n"
@@ -419,7 +425,24 @@ class PeftModel(nn.Module):
                         continue
         return out
 
+    def _from_file_layout(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors -> the live layout, layer by layer (``AdapterLayer.load_file_state``); each key goes
+        to the innermost layer holding this adapter whose path prefixes it."""
+        layers = {path: layer for path, layer in adapter_layers(self.model) if adapter_name in layer.adapter_names}
+        out: dict[str, torch.Tensor] = {}
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            owner = max((p for p in layers if key.startswith(p + ".")), key=len, default=None)
+            if owner is None:
+                out[key] = value
+            else:
+                groups.setdefault(owner, {})[key[len(owner) + 1 :]] = value
+        for path, group in groups.items():
+            out.update({f"{path}.{k}": v for k, v in layers[path].load_file_state(adapter_name, group).items()})
+        return out
+
     def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+        tensors = self._from_file_layout(adapter_name, tensors)
         own = self.adapter_state_dict(adapter_name)
         expected = {**self._base_copies(adapter_name, tensors), **own}
         missing = sorted(set(own) - set(tensors))

@@ -24,6 +24,8 @@ _METHODS: dict[str, str] = {
     "PREFIX_TUNING": "peftkit.methods.prefix_tuning",
     "IA3": "peftkit.methods.ia3",
     "BITFIT": "peftkit.methods.bitfit",
+    "FREEZE": "peftkit.methods.freeze",
+    "DIFF": "peftkit.methods.diff_pruning",
 }
 
 
