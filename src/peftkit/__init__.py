@@ -2,6 +2,7 @@
 
 from peftkit.core.compose import Average, Fusion, Parallel, Stack
 from peftkit.core.config import PeftConfig
+from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftkit.core.layer import BASE
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
@@ -35,5 +36,7 @@ __all__ = [
     "PromptTuningConfig",
     "Stack",
     "get_peft_model",
+    "hotswap_adapter",
     "method_names",
+    "prepare_model_for_compiled_hotswap",
 ]

@@ -34,12 +34,13 @@ class Method:
                    (active, disabled, per-row routing) from its own AdapterLayers, as their forward does.
     combine:       optional ``f(peft_model, adapters, weights, new_name, combination_type, **options)``: add
                    adapter ``new_name`` as a weighted combination of loaded ones (PeftModel.add_weighted_adapter;
-                   the tensor arithmetic lives in :mod:`peftkit.core.merge`); None: the method cannot combine.
-    hotswap:       optional ``f(peft_model, adapter_name, config, tensors)``: overwrite a loaded adapter's tensors
-                   in place from a checkpoint's (model-relative keys), without re-injecting; None: the core copies
-                   tensors of identical shapes.
-    prepare_hotswap: optional ``f(peft_model, target_rank)``: make later hot-swaps shape- and value-stable under
-                   torch.compile (pad ranks, turn Python scalars into tensors).
+                   the tensor arithmetic lives in :mod:`peftkit.core.combine`); None: the method cannot combine.
+    hotswap:       optional ``f(peft_model, adapter_name, config, tensors) -> (keys, commit, config)``: check a
+                   checkpoint's tensors (model-relative keys) against a loaded adapter, return the keys it handles,
+                   a ``commit()`` that writes them in place and the config to record (peftkit.core.hotswap); None:
+                   the core copies tensors of identical shapes.
+    prepare_hotswap: optional ``f(peft_model, adapter_name, target_rank)``: make later hot-swaps shape- and
+                   value-stable under torch.compile (pad ranks, turn Python scalars into tensors).
     functions:     extra operations ``{name: f(peft_model, *args, **kwargs)}`` that PeftModel exposes as
                    ``peft_model.<name>(...)`` while an adapter of this method is loaded (diff pruning's ``finalize``).
     """
