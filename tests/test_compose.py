@@ -208,3 +208,18 @@ def test_parallel_generate_returns_each_adapters_tokens():
     pm.set_adapter(Parallel("a", "b"))
     both = pm.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
     assert both[:2].tolist() == alone["a"].tolist() and both[2:].tolist() == alone["b"].tolist()
+
+
+def test_a_checkpoint_of_only_named_adapters_restores_from_its_root(tmp_path):
+    pm, reference = two_adapters()
+    pm.set_adapter(Stack("b", "a"))
+    inputs = batch("bert")
+    expected = output(pm, inputs)
+    pm.save_pretrained(tmp_path)  # no "default" adapter: a/, b/ and composition.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "composition.json"]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    assert loaded._composition == Stack("b", "a")
+    torch.testing.assert_close(output(loaded, inputs), expected, atol=TOL, rtol=0)
+    pm.set_adapter("a")
+    pm.save_pretrained(tmp_path)  # the folder no longer holds a block
+    assert not (tmp_path / "composition.json").exists()

@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.core import combine, io
 from peftkit.core.compose import COMPOSITION_FILE, Composition, Parallel, composition_from_dict
-from peftkit.core.config import PeftConfig, atomic_write_bytes
+from peftkit.core.config import CONFIG_NAME, PeftConfig, atomic_write_bytes
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import BASE, AdapterLayer, Routing
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
@@ -387,9 +387,12 @@ class PeftModel(nn.Module):
             folder = io.adapter_dir(save_directory, name)
             io.save_tensors(io.to_file_keys(self.adapter_state_dict(name, for_file=True)), folder)
             self.peft_config[name].replace(inference_mode=True).save_pretrained(folder)
+        block_path = Path(save_directory) / COMPOSITION_FILE
         if self._composition is not None and set(self._composition.adapters()) <= set(names):
             text = json.dumps({"active": self._composition.to_dict()}, indent=2) + "\n"
-            atomic_write_bytes(Path(save_directory) / COMPOSITION_FILE, text.encode())
+            atomic_write_bytes(block_path, text.encode())
+        elif block_path.is_file():  # a block saved earlier in this folder no longer describes it
+            block_path.unlink()
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
@@ -478,6 +481,8 @@ class PeftModel(nn.Module):
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched."""
         io.check_adapter_name(adapter_name)
+        root = model_id
+        model_id, adapter_name = _composition_entry(model_id, adapter_name)
         file_config, tensors = read_checkpoint(model_id, is_trainable)
         config = config or file_config
         flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -488,7 +493,7 @@ class PeftModel(nn.Module):
                 raise CheckpointError(f"The adapter in {str(model_id)!r} does not fit this model: {err}") from err
             try:
                 peft_model._load_state(adapter_name, tensors, model_id)
-                peft_model._restore_composition(model_id, is_trainable)
+                peft_model._restore_composition(root, is_trainable)
             except Exception:
                 peft_model.unload()
                 raise
@@ -500,17 +505,33 @@ class PeftModel(nn.Module):
 
     def _restore_composition(self, model_id: str | os.PathLike, is_trainable: bool) -> None:
         """Load the adapters a saved composition names (each from its sub-folder) and activate it."""
-        path = Path(model_id) / COMPOSITION_FILE
-        if not path.is_file():
+        block = read_composition(model_id)
+        if block is None:
             return
-        try:
-            block = composition_from_dict(json.loads(path.read_text())["active"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path} is not a valid composition file ({err!r}); it is corrupt.") from err
         for name in block.adapters():
             if name not in self.peft_config:
                 self.load_adapter(io.adapter_dir(model_id, name), name, is_trainable=is_trainable)
         self.set_adapter(block)
+
+
+def read_composition(model_id: str | os.PathLike) -> Composition | None:
+    """The composition block saved in a checkpoint folder, or None."""
+    path = Path(model_id) / COMPOSITION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return composition_from_dict(json.loads(path.read_text())["active"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is not a valid composition file ({err!r}); it is corrupt.") from err
+
+
+def _composition_entry(model_id: str | os.PathLike, adapter_name: str) -> tuple[str | os.PathLike, str]:
+    """A checkpoint whose root holds a composition but no adapter of its own starts from the block's first adapter."""
+    block = None if (Path(model_id) / CONFIG_NAME).is_file() else read_composition(model_id)
+    if block is None:
+        return model_id, adapter_name
+    first = block.adapters()[0]
+    return io.adapter_dir(model_id, first), first
 
 
 def read_checkpoint(model_id: str | os.PathLike, is_trainable: bool) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
