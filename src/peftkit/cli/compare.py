@@ -90,7 +90,7 @@ def _run_one(spec: str, base: Any, out: Path) -> dict[str, Any]:
         result = train(settings)
     except PeftkitError as err:
         typer.echo(f"{spec}: failed: {err}", err=True)
-        return {"method": spec, "error": str(err).splitlines()[0]}
+        return {"method": spec, "error": " ".join(line.strip(" -") for line in str(err).splitlines())}
     metric = "accuracy" if result.task == "classification" else "perplexity"
     return {
         "method": spec,
@@ -110,7 +110,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:,.1f}"
-    return f"{value:,d}" if isinstance(value, int) else str(value)
+    return f"{value:,d}" if isinstance(value, int) else str(value).replace("|", "\\|")
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
