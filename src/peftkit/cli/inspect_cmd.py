@@ -98,8 +98,12 @@ def _print_tree(model: nn.Module, wrapped: dict[str, str], trainable: dict[str, 
             count = sum(p.numel() for p in base.parameters())
             mark = f"  <- {wrapped[name]}" if name in wrapped else ""
             extra = f", {trainable[name]:,d} trainable" if name in trainable else ""
+            descend = not isinstance(child, AdapterLayer) and (depth is None or level + 1 < depth)
+            inside = sum(n.startswith(name + ".") for n in wrapped)
+            if inside and not descend and not isinstance(child, AdapterLayer):
+                mark = f"  ({inside} adapted modules inside)"
             typer.echo(f"{'  ' * level}{child_name} ({type(base).__name__}, {count:,d}{extra}){mark}")
-            if not isinstance(child, AdapterLayer) and (depth is None or level + 1 < depth):
+            if descend:
                 walk(child, name, level + 1)
 
     walk(model, "", 0)
