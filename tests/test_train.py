@@ -131,6 +131,13 @@ def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     assert b.history["train_loss"] == pytest.approx(a.history["train_loss"], abs=1e-5)
 
 
+def test_bf16_autocast_stays_close_to_float32(files, tmp_path):
+    a = train(config(files, tmp_path / "a", max_steps=2, eval_before=False))
+    b = train(config(files, tmp_path / "b", max_steps=2, eval_before=False, bf16=True))
+    assert b.history["train_loss"] == pytest.approx(a.history["train_loss"], abs=0.05)
+    assert b.history["train_loss"] != a.history["train_loss"]  # autocast did run in bf16
+
+
 def test_causal_lm_trains_on_the_response_only(files, tmp_path):
     result = train(
         config(files, tmp_path / "lm", model=str(files["llama"]), data=str(files["inst"]), method_args=LORA_LLAMA)
