@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.core import combine, io
 from peftkit.core.compose import COMPOSITION_FILE, Composition, Parallel, composition_from_dict
-from peftkit.core.config import CONFIG_NAME, PeftConfig, atomic_write_bytes
+from peftkit.core.config import CONFIG_NAME, PeftConfig, atomic_write_bytes, atomic_writes
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import BASE, AdapterLayer, Routing
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
@@ -373,12 +373,14 @@ class PeftModel(nn.Module):
         out.update(self._extra.get(adapter_name, {}))
         return out
 
+    @atomic_writes()
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
     ) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys).
 
-        Each file is written to a temporary name and renamed, so a crash never leaves a half-written file.
+        Every file is written to a temporary name and all are renamed once all are written, so a crash leaves the
+        old checkpoint whole and never a half-written adapter.
         """
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
