@@ -193,3 +193,27 @@ def test_config_round_trips_through_json(tmp_path):
     from peftkit.core.registry import config_from_dict
 
     assert config_from_dict(config.read_dict(tmp_path)) == config
+
+
+def test_linear_combination_by_hand(tmp_path):
+    pm = get_peft_model(build("llama"), BitFitConfig(add_missing_bias=True, task_type="CAUSAL_LM"))
+    pm.add_adapter("b", BitFitConfig(add_missing_bias=True, bias_patterns=["v_proj"], task_type="CAUSAL_LM"))
+    pm.add_adapter("lora", LoraConfig(target_modules=["v_proj"], task_type="CAUSAL_LM"))  # wraps the BitFit layers
+    perturb(pm, "default", seed=0)
+    perturb(pm, "b", seed=1)
+    pm.add_weighted_adapter(["default", "b"], [0.5, 2.0], "mix", combination_type="linear")
+    held: dict[str, dict[str, torch.Tensor]] = {}  # module -> adapter -> delta, over nested BitFit wrappers
+    for name, layer in pm.model.named_modules():
+        if isinstance(layer, BitFitLayer):
+            held.setdefault(name.replace(".base_layer", ""), {}).update(layer.bitfit_bias.items())
+    assert len(held) == 2 * 7 and all("mix" in h for h in held.values())
+    for name, h in held.items():
+        expected = 0.5 * h["default"] + 2.0 * h.get("b", 0.0)
+        torch.testing.assert_close(h["mix"], expected, atol=TOL, rtol=0, msg=name)
+    pm.save_pretrained(tmp_path, selected_adapters=["mix"])  # the combination is an ordinary adapter
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "mix").eval()
+    pm.set_adapter("mix")
+    pm.eval()
+    torch.testing.assert_close(output(loaded, batch("llama")), output(pm, batch("llama")), atol=TOL, rtol=0)
+    with pytest.raises(ConfigError, match=r"combination_type='ties'.*only with 'linear'"):
+        pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "bad", combination_type="ties", density=0.5)

@@ -223,3 +223,18 @@ def test_conflicting_feedforward_roles_leave_model_unchanged():
     with pytest.raises(ConfigError, match=r"'2' is a feed-forward \(IA\)3 layer for one adapter"):
         pm.add_adapter("b", IA3Config(target_modules=["0", "2"], feedforward_modules=[]))
     assert pm.model[0].adapter_names == ["default"] and list(pm.peft_config) == ["default"]
+
+
+def test_linear_combination_by_hand():
+    pm = get_peft_model(mlp(), IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]))
+    pm.add_adapter("b", IA3Config(target_modules=["0"], feedforward_modules=[]))
+    randomise(pm, "default", 0)
+    randomise(pm, "b", 1)
+    pm.add_weighted_adapter(["default", "b"], [0.7, 0.3], "mix", combination_type="linear")
+    assert pm.active_adapters == ["default"] and pm.peft_config["mix"].feedforward_modules == ["2"]
+    l0, l2 = pm.model[0], pm.model[2]
+    torch.testing.assert_close(vec(l0, "mix"), 0.7 * vec(l0) + 0.3 * vec(l0, "b"), atol=TOL, rtol=0)
+    torch.testing.assert_close(vec(l2, "mix"), 0.7 * vec(l2) + 0.3, atol=TOL, rtol=0)  # "b" absent: l = 1
+    with pytest.raises(ConfigError, match=r"combination_type='svd'.*only with 'linear'"):
+        pm.add_weighted_adapter(["default", "b"], [0.7, 0.3], "bad", combination_type="svd")
+    assert "bad" not in pm.peft_config

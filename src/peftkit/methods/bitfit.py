@@ -27,9 +27,10 @@ from torch import nn
 from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import base_of, is_conv1d_gpt2, is_linear_like, iter_free_modules, output_head_names
-from peftkit.errors import TargetNotFoundError
+from peftkit.errors import ConfigError, TargetNotFoundError
 
 # Modules whose bias is added to the output's trailing dims ("last") or to its channel dim 1 ("channel").
 _LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm)
@@ -243,4 +244,63 @@ def inject(model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
     inject_layers(model, config, adapter_name, find_bias_targets(model, config), dispatch)
 
 
-METHOD = Method(name="bitfit", config_class=BitFitConfig, strategy="wrap", inject=inject, can_merge=True)
+# ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------
+def combine(
+    peft_model: Any, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
+) -> None:
+    """``linear``: d_new = sum_i w_i d_i per module (an adapter that does not target the module counts as d_i = 0,
+    its identity). The task heads' copies become their weights-weighted mean."""
+    if combination_type != "linear":
+        raise ConfigError(
+            f"combination_type={combination_type!r}: BitFit adapters combine only with 'linear' (a weighted sum of "
+            "the bias deltas). Use add_weighted_adapter(..., combination_type='linear')."
+        )
+    before = _deltas_by_module(peft_model)
+    layers = sorted(name for name, held in before.items() if any(n in held for n in adapters))
+    configs = [peft_model.peft_config[n] for n in adapters]
+    config = configs[0].replace(bias_patterns=layers, add_missing_bias=any(c.add_missing_bias for c in configs))
+    peft_model.add_adapter(new_name, config)
+    try:
+        with torch.no_grad():
+            for held in _deltas_by_module(peft_model).values():
+                parts = [w * held[n] for n, w in zip(adapters, weights, strict=True) if n in held]
+                if parts:
+                    held[new_name].copy_(sum(parts))
+            mean_head_copies(peft_model, adapters, weights, new_name)
+    except Exception:
+        peft_model.delete_adapter(new_name)
+        raise
+
+
+def _deltas_by_module(peft_model: Any) -> dict[str, dict[str, nn.Parameter]]:
+    """module name -> {adapter: delta}, across BitFit wrappers at that module (another method may sit between)."""
+    out: dict[str, dict[str, nn.Parameter]] = {}
+    for path, layer in adapter_layers(peft_model.model):
+        if isinstance(layer, BitFitLayer):
+            out.setdefault(_free_name(path), {}).update(layer.bitfit_bias.items())
+    return out
+
+
+def _free_name(path: str) -> str:
+    """The name the targeting rules see for a layer that another adapter's wrapper may enclose."""
+    while path.endswith(".base_layer"):
+        path = path.removesuffix(".base_layer")
+    return path
+
+
+def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
+    """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
+    for _, layer in adapter_layers(peft_model.model):
+        copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}
+        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
+        total = sum(w for _, w in pairs)
+        if new_name not in copies or not pairs or not total:
+            continue
+        for key, dst in copies[new_name].state_dict().items():
+            if dst.is_floating_point():
+                dst.copy_(sum(state[key] * w for state, w in pairs) / total)
+
+
+METHOD = Method(
+    name="bitfit", config_class=BitFitConfig, strategy="wrap", inject=inject, can_merge=True, combine=combine
+)

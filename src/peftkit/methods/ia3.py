@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import (
     TargetingConfig,
@@ -328,4 +329,67 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     inject_layers(model, config, adapter_name, targets, dispatch)
 
 
-METHOD = Method(name="ia3", config_class=IA3Config, strategy="wrap", inject=inject, can_merge=True)
+# ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------
+def combine(
+    peft_model: Any, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
+) -> None:
+    """``linear``: l_new = sum_i w_i l_i per layer, where an adapter that does not target the layer counts as
+    l_i = 1 (the identity; peft counts it as 0). The task heads' copies become their weights-weighted mean."""
+    if combination_type != "linear":
+        raise ConfigError(
+            f"combination_type={combination_type!r}: (IA)3 adapters combine only with 'linear' (a weighted sum of "
+            "the scaling vectors). Use add_weighted_adapter(..., combination_type='linear')."
+        )
+    before = _vectors_by_module(peft_model)
+    layers = sorted(name for name, (held, _) in before.items() if any(n in held for n in adapters))
+    config = peft_model.peft_config[adapters[0]].replace(
+        target_modules=layers,
+        feedforward_modules=[name for name in layers if before[name][1]],
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    peft_model.add_adapter(new_name, config)
+    try:
+        with torch.no_grad():
+            for name, (held, _) in _vectors_by_module(peft_model).items():
+                if name in layers:
+                    parts = [w * held.get(n, 1.0) for n, w in zip(adapters, weights, strict=True)]
+                    held[new_name].copy_(sum(parts))
+            mean_head_copies(peft_model, adapters, weights, new_name)
+    except Exception:
+        peft_model.delete_adapter(new_name)
+        raise
+
+
+def _vectors_by_module(peft_model: Any) -> dict[str, tuple[dict[str, nn.Parameter], bool]]:
+    """module name -> ({adapter: vector}, is feed-forward), across (IA)3 wrappers at that module."""
+    out: dict[str, tuple[dict[str, nn.Parameter], bool]] = {}
+    for path, layer in adapter_layers(peft_model.model):
+        if isinstance(layer, IA3Layer):
+            held, _ = out.setdefault(_free_name(path), ({}, layer.is_feedforward))
+            held.update(layer.ia3_l.items())
+    return out
+
+
+def _free_name(path: str) -> str:
+    """The name the targeting rules see for a layer that another adapter's wrapper may enclose."""
+    while path.endswith(".base_layer"):
+        path = path.removesuffix(".base_layer")
+    return path
+
+
+def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
+    """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
+    for _, layer in adapter_layers(peft_model.model):
+        copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}
+        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
+        total = sum(w for _, w in pairs)
+        if new_name not in copies or not pairs or not total:
+            continue
+        for key, dst in copies[new_name].state_dict().items():
+            if dst.is_floating_point():
+                dst.copy_(sum(state[key] * w for state, w in pairs) / total)
+
+
+METHOD = Method(name="ia3", config_class=IA3Config, strategy="wrap", inject=inject, can_merge=True, combine=combine)
