@@ -44,7 +44,7 @@ from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import TargetingConfig, find_targets, output_head_names
 from peftkit.errors import CheckpointError, ConfigError, MergeError, TargetNotFoundError
-from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, walk
+from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, walk, warn_tied
 
 ALL = "all"
 EPS = 1e-6  # keeps log u and log(1 - u) finite
@@ -139,6 +139,14 @@ class DiffLayer(AdapterLayer):
             setattr(self, attr, nn.ModuleDict())
         self.gate_settings: dict[str, DiffPruningConfig] = {}
         self.shared_input = False
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or name.startswith("_"):
+                raise
+            return getattr(self.base_layer, name)  # model code reads the module's weight, bias, sizes (T5: wo.weight)
 
     def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str) -> None:
         self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES
@@ -407,7 +415,9 @@ def find_diff_targets(model: nn.Module, config: DiffPruningConfig) -> list[str]:
 
 
 def inject(model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> None:
-    inject_layers(model, config, adapter_name, find_diff_targets(model, config), lambda module: DiffLayer)
+    targets = find_diff_targets(model, config)
+    warn_tied(model, targets)
+    inject_layers(model, config, adapter_name, targets, lambda module: DiffLayer)
 
 
 METHOD = Method(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ from torch.func import functional_call
 
 from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer, ModulesToSave, Routing
 from peftkit.core.method import Method
 from peftkit.core.targeting import base_of
 from peftkit.errors import RoutingError, TargetNotFoundError
@@ -254,6 +255,14 @@ class FreezeLayer(AdapterLayer):
         self.freeze_delta = nn.ModuleDict()
         self.shared_input = False  # the first input is not the batch (see SHARED_INPUT_MODULES)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or name.startswith("_"):
+                raise
+            return getattr(self.base_layer, name)  # model code reads the module's weight, bias, sizes (T5: wo.weight)
+
     def update_layer(self, adapter_name: str, config: LayerFreezeConfig, module_name: str) -> None:
         self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES
         deltas = nn.ParameterDict()
@@ -325,17 +334,48 @@ def routed_forward(layer: Any, adapters: nn.ModuleDict, args: tuple, kwargs: dic
         outs = [layer._run([n], args, kwargs) if n in adapters else layer.base_layer(*args, **kwargs) for n in names]
         return torch.cat(outs)[routing.index]  # (U, ...) -> (B, ...)
     try:
-        groups = layer.routed_groups(x.shape[0])
+        groups, rows = layer.routed_groups(x.shape[0]), routing.rows(x.shape[0])
     except ValueError as err:
         raise RoutingError(f"adapter_names= cannot route {type(base_of(layer)).__name__}: {err}.") from err
+    inner, module = [], layer.base_layer  # adapter wrappers inside this one (LoRA...) route the same rows
+    while isinstance(module, AdapterLayer):
+        inner.append(module)
+        module = module.base_layer
     out = layer.base_layer(*args, **kwargs).clone()  # (B, ...)
     for name, idx in groups:
-        out[idx] = layer._run([name], (x[idx], *args[1:]), kwargs).to(out.dtype)
+        for wrapper in inner:
+            wrapper.routing = Routing(routing.names, rows[idx])
+        try:
+            out[idx] = layer._run([name], (x[idx], *args[1:]), kwargs).to(out.dtype)  # (G, ...)
+        finally:
+            for wrapper in inner:
+                wrapper.routing = routing
     return out
+
+
+def warn_tied(model: nn.Module, targets: list[str]) -> None:
+    """Warn when a target's tensor is shared with a module outside the targets (tied embeddings): its delta acts
+    only where the target itself runs, and merging (which would change both) is refused."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(logical(name.rpartition(".")[0]))  # the owning module
+    roots = [logical(t) for t in targets]
+    for target in targets:
+        for _, param in own_params(model.get_submodule(target)):
+            others = [n for n in owners[id(param)] if not any(n == r or n.startswith(r + ".") for r in roots)]
+            if others:
+                warnings.warn(
+                    f"{logical(target)!r} shares its weight with {others[0]!r} (tied weights): the delta applies only "
+                    f"where {logical(target)!r} runs, not through {others[0]!r}, and merging will be refused. "
+                    "Untie the weights first, or target the module the model actually calls.",
+                    UserWarning,
+                    stacklevel=4,
+                )
 
 
 def inject(model: nn.Module, config: LayerFreezeConfig, adapter_name: str) -> None:
     targets, lists = find_freeze_targets(model, config)
+    warn_tied(model, targets)
     config.block_lists = lists
     if lists:
         logger.info("LayerFreeze: block lists %s; training %d modules", lists, len(targets))
