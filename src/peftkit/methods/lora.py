@@ -170,11 +170,18 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.create(adapter_name, r)
+        with torch.device("meta"):  # no throw-away init: allocate once on the base's device, initialise once
+            self.create(adapter_name, r)
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if isinstance(holder[adapter_name], nn.Parameter):
+                holder[adapter_name] = nn.Parameter(
+                    torch.empty_like(holder[adapter_name], device=weight.device, dtype=dtype)
+                )
+            else:
+                holder[adapter_name].to_empty(device=weight.device).to(dtype)
         with torch.no_grad():
             self.reset(adapter_name, config.init_lora_weights)
-        for param in self.adapter_parameters(adapter_name):
-            param.data = param.data.to(device=weight.device, dtype=dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -254,7 +261,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, out_f, bias=False)
 
     def reset(self, adapter_name: str, init: bool | str) -> None:
-        if init is False:  # keep nn.Linear's random init for A and B: not an identity at start
+        if init is False:  # the layers' own random init for A and B: not an identity at start
+            self.lora_A[adapter_name].reset_parameters()
+            self.lora_B[adapter_name].reset_parameters()
             return
         a = self.lora_A[adapter_name].weight
         if init == "gaussian":
@@ -341,7 +350,9 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
 
     def reset(self, adapter_name: str, init: bool | str) -> None:
-        if init is False:
+        if init is False:  # random A and B (standard normal): not an identity at start
+            nn.init.normal_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
             return
         nn.init.zeros_(self.lora_embedding_A[adapter_name])
         nn.init.normal_(self.lora_embedding_B[adapter_name])
