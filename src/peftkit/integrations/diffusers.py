@@ -29,6 +29,7 @@ from torch import nn
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers, merged_names
 from peftkit.core.model import PeftModel
+from peftkit.core.targeting import base_of, iter_free_modules
 from peftkit.errors import AdapterNameError, AdapterNotFoundError, CheckpointError, ConfigError, MergeError, choices
 from peftkit.integrations import kohya
 from peftkit.integrations.kohya import ModuleLora
@@ -142,7 +143,7 @@ def _resolve(component: nn.Module, path: str, names: set[str]) -> str | None:
 
 def fit(component: nn.Module, modules: dict[str, ModuleLora], where: str) -> dict[str, ModuleLora]:
     """Check every module exists and the factor shapes fit; reshape (r, n) to conv shapes. Touches nothing."""
-    found = {n: m for n, m in component.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    found = {n: b for n, m in iter_free_modules(component) if isinstance(b := base_of(m), (nn.Linear, nn.Conv2d))}
     names = set(found)
     out, unknown = {}, []
     for path, mod in modules.items():
@@ -384,6 +385,8 @@ def load_lora(pipe: Any, source: str | Path | dict, adapter_name: str = "default
     if missing:
         raise CheckpointError(f"{where} holds LoRA weights for {choices(missing)}, which this pipeline lacks.")
     fitted = {c: fit(components[c], mods, f"{where} [{c}]") for c, mods in parts.items() if mods}
+    if not fitted:
+        raise CheckpointError(f"{where} holds no LoRA modules; nothing to load.")
     for c in fitted:
         manager = _manager(components[c])
         if manager is not None and adapter_name in manager.peft_config:
@@ -502,15 +505,15 @@ def _block_scale(weight: Any, path: str) -> float:
     bad = sorted(set(weight) - {"down", "mid", "up"})
     if bad:
         raise ConfigError(f"UNet scale keys {choices(bad)} are not blocks; use 'down', 'mid', 'up'.")
-    m = re.match(r"(down|up)_blocks\.(\d+)\.(?:attentions|resnets)\.(\d+)\.|mid_block\.", path)
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(attentions|resnets|downsamplers|upsamplers)\.(\d+)\.|mid_block\.", path)
     if m is None:
         return 1.0
     part = m.group(1) or "mid"
     value = weight.get(part, 1.0)
     if isinstance(value, dict):
         value = value.get(f"block_{m.group(2)}", 1.0)
-    if isinstance(value, (list, tuple)):
-        j = int(m.group(3))
+    if isinstance(value, (list, tuple)):  # one value per layer; a block's down/up-sampler takes the last one
+        j = int(m.group(4)) if m.group(3) in ("attentions", "resnets") else len(value) - 1
         if j >= len(value):
             raise ConfigError(f"Per-layer scales {value!r} for {part} block {m.group(2)} lack layer {j} ({path!r}).")
         value = value[j]
