@@ -113,6 +113,9 @@ def lora_pair(base, targets, task_type: str, names: list[str], r: int = 8, alpha
 
 
 # ---- measuring ------------------------------------------------------------------------------------------------
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (CPU seconds of this process; steadier on a shared machine)
+
+
 def alternate(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each run, calls interleaved with a rotating order."""
     keys = list(runs)
@@ -124,9 +127,9 @@ def alternate(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1
         order = keys[i % len(keys) :] + keys[: i % len(keys)]
         for k in order:
             gc.collect()
-            start = time.perf_counter()
+            start = CLOCK()
             runs[k]()
-            times[k].append(time.perf_counter() - start)
+            times[k].append(CLOCK() - start)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -325,12 +328,15 @@ def main() -> None:
     parser.add_argument("--adapters", nargs="+", type=int, default=[1, 8, 32], help="adapter counts for 'rows'")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (default 7, quick 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (use --threads 1)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     args.repeats = args.repeats or (3 if args.quick else 7)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, peft {peft.__version__}, peftkit {peftkit.__version__}, "
-        f"threads {args.threads}, repeats {args.repeats}{', quick' if args.quick else ''}"
+        f"threads {args.threads}, {args.clock} clock, repeats {args.repeats}{', quick' if args.quick else ''}"
     )
     for name in args.only or list(SECTIONS):
         SECTIONS[name](args)

@@ -8,7 +8,7 @@ import torch
 from models import batch, clone, output, perturb, tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from peftkit.errors import CheckpointError
+from peftkit.errors import CheckpointError, ConfigError
 
 TARGETS = ["q_proj", "v_proj", "embed_tokens"]  # Linear and Embedding layers
 
@@ -99,5 +99,5 @@ def test_bad_checkpoints_are_refused(saved, tmp_path):
         hotswap_adapter(pm, tmp_path, "default")
     with pytest.raises(CheckpointError, match="not a folder"):
         hotswap_adapter(pm, tmp_path / "nope", "default")
-    with pytest.raises(CheckpointError, match="target_rank=2 is below"):
+    with pytest.raises(ConfigError, match="target_rank=2 is below"):
         prepare_model_for_compiled_hotswap(pm, target_rank=2)

@@ -17,7 +17,7 @@ import torch
 from peftkit.core.merge import merged_names
 from peftkit.core.model import read_checkpoint
 from peftkit.core.registry import method_of
-from peftkit.errors import CheckpointError, MergeError, choices
+from peftkit.errors import CheckpointError, ConfigError, MergeError, choices
 
 
 def hotswap_adapter(peft_model: Any, model_name_or_path: str | os.PathLike, adapter_name: str = "default") -> None:
@@ -72,9 +72,9 @@ def prepare_model_for_compiled_hotswap(peft_model: Any, *, target_rank: int | No
     checkpoint of any rank up to it fits; default: the largest rank loaded.
     """
     if hasattr(peft_model, "_orig_mod") or hasattr(peft_model.model, "_orig_mod"):
-        raise CheckpointError("The model is already compiled; call prepare_model_for_compiled_hotswap before compile.")
+        raise ConfigError("The model is already compiled; call prepare_model_for_compiled_hotswap before compile.")
     if target_rank is not None and (not isinstance(target_rank, int) or target_rank <= 0):
-        raise CheckpointError(f"target_rank={target_rank!r} must be a positive integer (the largest rank to swap in).")
+        raise ConfigError(f"target_rank={target_rank!r} must be a positive integer (the largest rank to swap in).")
     for name, config in peft_model.peft_config.items():
         method = method_of(config)
         if method.prepare_hotswap is not None:

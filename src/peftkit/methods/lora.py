@@ -694,7 +694,7 @@ def prepare_hotswap(peft_model: Any, name: str, target_rank: int | None) -> None
     target = target_rank or max((m.r[name] for _, m in layers), default=1)
     too_big = {p: m.r[name] for p, m in layers if m.r[name] > target}
     if too_big:
-        raise CheckpointError(f"target_rank={target} is below adapter {name!r}'s ranks {too_big}; raise it.")
+        raise ConfigError(f"target_rank={target} is below adapter {name!r}'s ranks {too_big}; raise it.")
     for _, layer in layers:
         if layer.r[name] < target:
             _pad(layer, layer.adapter_param_names[0], name, 0, target)  # A: (r, ...)
