@@ -54,7 +54,7 @@ class Method:
     extra_trainable: Callable[[nn.Module, PeftConfig], dict[str, nn.Parameter]] | None = None
     prepare_inputs: Callable[[nn.Module, Call], None] | None = None
     combine: Callable[..., None] | None = None
-    hotswap: Callable[..., None] | None = None
+    hotswap: Callable[..., Any] | None = None
     prepare_hotswap: Callable[..., None] | None = None
     functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False, compare=False)
 
