@@ -1,0 +1,55 @@
+"""Short SST-2 runs of Houlsby, Pfeiffer and Compacter adapters on the real MiniLM, with peftkit's trainer.
+
+    python benchmarks/sst2_bottleneck.py                         # all three, 2,000 training rows, one epoch
+    python benchmarks/sst2_bottleneck.py --methods pfeiffer --rows 4000
+
+The budget of the other methods' SST-2 runs (benchmarks/sst2_ia3_bitfit.py): the first ``--rows`` training rows,
+one epoch, batch 32, max length 64, AdamW with warmup and linear decay; accuracy on the 872 dev sentences. Reads
+../shared/data/sst2 (or $PEFTKIT_DATA/sst2); writes each adapter under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from peftkit.train.config import TrainConfig
+from peftkit.train.trainer import train
+
+DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
+RUNS = {  # name -> (method, method_args, learning rate)
+    "houlsby": ("bottleneck", {"preset": "houlsby"}, 2e-3),
+    "pfeiffer": ("bottleneck", {"preset": "pfeiffer"}, 2e-3),
+    "compacter": ("compacter", {"preset": "compacter"}, 5e-3),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="runs/sst2_bottleneck")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"SST-2 not found at {DATA}; set PEFTKIT_DATA to the folder that holds sst2/.")
+    for name in args.methods:
+        method, method_args, lr = RUNS[name]
+        start = time.time()
+        config = TrainConfig(
+            model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
+            max_train_rows=args.rows, epochs=1, batch_size=32, max_length=64, lr=lr, threads=args.threads,
+            eval_before=False, progress=False,
+        )  # fmt: skip
+        result = train(config)
+        print(
+            f"{name:<10} trainable {result.trainable_params:>8,d}  dev accuracy {result.after['accuracy']:.4f}  "
+            f"({result.steps} steps, {time.time() - start:.0f} s)",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
