@@ -231,3 +231,38 @@ def test_peft_embedding_base_copy_is_loaded(tmp_path):
     assert "base_model.model.model.embed_tokens.base_layer.weight" in file_tensors(tmp_path)
     ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
     torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_both_ways(bias, tmp_path):
+    """bias="all" / "lora_only": the trained base biases travel with the adapter, in both directions."""
+    config = dict(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias=bias)
+    reference = build("bert")
+    inputs = batch("bert")
+
+    def train_biases(model, seed):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and name.endswith("bias"):
+                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+    theirs = peft_model(copy.deepcopy(reference), config)
+    train_biases(theirs, 1)
+    expected = logits(theirs, inputs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftkit.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "peft").eval()
+    torch.testing.assert_close(logits(ours, inputs), expected, atol=TOL, rtol=0)
+
+    mine = our_model(copy.deepcopy(reference), config, seed=4)
+    train_biases(mine, 2)
+    expected = logits(mine, inputs)
+    mine.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, inputs), expected, atol=TOL, rtol=0)
+    # the same keys, less peft's duplicates of the head copy ('classifier.modules_to_save.bias') and of the
+    # frozen original ('classifier.original_module.bias'), which it writes when bias="all"
+    peft_keys = {
+        k for k in file_tensors(tmp_path / "peft") if ".modules_to_save." not in k and ".original_module." not in k
+    }
+    assert set(file_tensors(tmp_path / "ours")) == peft_keys

@@ -177,6 +177,19 @@ class ModulesToSave(AdapterLayer):
         # peft's layout: the copy's tensors under the module's own name.
         return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
 
+    def load_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """peft (LoRA with ``bias="all"``) also writes the copy's biases as ``modules_to_save.<name>`` and the
+        frozen original's as ``original_module.<name>``: drop those duplicates where they equal the copy's tensor
+        in the file and the base module's; anything else stays and is reported as unexpected."""
+        base = self.base_layer.state_dict()
+        out = {}
+        for key, value in tensors.items():
+            prefix, _, rest = key.partition(".")
+            reference = {"modules_to_save": tensors, "original_module": base}.get(prefix, {}).get(rest)
+            if reference is None or reference.shape != value.shape or not torch.equal(reference.cpu(), value.cpu()):
+                out[key] = value
+        return out
+
     def _current(self) -> nn.Module:
         live = [n for n in self.active_adapters if not self.disabled]
         return self.modules_to_save[live[-1]] if live else self.base_layer

@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.core.combine import COMBINATIONS, combine_tensors, svd_factors
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import TargetingConfig, base_of, find_targets, is_conv1d_gpt2, iter_free_modules
@@ -484,6 +484,8 @@ def extra_trainable(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parame
         return {}
     out = {}
     for name, module in iter_free_modules(model):
+        if isinstance(module, ModulesToSave):  # its trainable copy already holds (and saves) its bias
+            continue
         if isinstance(module, AdapterLayer):
             if config.bias == "lora_only" and not isinstance(module, LoraLayer):
                 continue
