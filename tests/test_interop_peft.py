@@ -266,3 +266,39 @@ def test_trained_biases_both_ways(bias, tmp_path):
         k for k in file_tensors(tmp_path / "peft") if ".modules_to_save." not in k and ".original_module." not in k
     }
     assert set(file_tensors(tmp_path / "ours")) == peft_keys
+
+
+class ConvNet(torch.nn.Module):
+    """A plain torch model with an Embedding (padding_idx), a Conv1d and a strided, padded Conv2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 6, padding_idx=0)
+        self.conv1 = torch.nn.Conv1d(6, 5, 3, padding=1)
+        self.conv = torch.nn.Conv2d(5, 4, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.emb(ids).transpose(1, 2))  # (B, 5, T)
+        h = self.conv(h[:, :, None, :].expand(-1, -1, 4, -1))  # (B, 4, 2, T/2)
+        return self.head(h.mean((2, 3)))  # (B, 3)
+
+
+def test_embedding_and_convolutions_both_ways(tmp_path):
+    config = dict(r=2, lora_alpha=4, target_modules=["emb", "conv1", "conv"], rank_pattern={"conv1": 3})
+    ids = torch.tensor([[0, 3, 5, 7, 1, 2, 0, 9], [4, 4, 0, 0, 19, 8, 6, 1]])
+    theirs = peft_model(ConvNet(), config, seed=1)
+    expected = theirs(ids).detach()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = peftkit.PeftModel.from_pretrained(ConvNet(), tmp_path / "peft").eval()
+    torch.testing.assert_close(ours(ids), expected, atol=TOL, rtol=0)
+
+    mine = our_model(ConvNet(), config, seed=2)
+    expected = mine(ids).detach()
+    mine.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(ConvNet(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(ids), expected, atol=TOL, rtol=0)
+    shapes = {k: tuple(v.shape) for k, v in file_tensors(tmp_path / "ours").items()}
+    assert shapes == {k: tuple(v.shape) for k, v in file_tensors(tmp_path / "peft").items()}
+    assert shapes["base_model.model.conv.lora_B.weight"] == (4, 2, 1, 1)

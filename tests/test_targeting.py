@@ -69,6 +69,10 @@ def test_all_linear_excludes_the_output_head():
     assert got == peft_targets(tiny_llama(), target_modules="all-linear")
 
 
+def test_all_linear_is_case_insensitive_as_in_peft():
+    assert ours(tiny_llama(), target_modules="ALL-Linear") == ours(tiny_llama(), target_modules="all-linear")
+
+
 def test_all_linear_takes_gpt2_conv1d():
     got = ours(tiny_gpt2(), target_modules="all-linear")
     assert got == named(tiny_gpt2(), r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)")

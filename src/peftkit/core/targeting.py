@@ -136,7 +136,8 @@ def output_head_names(model: nn.Module) -> set[str]:
 def resolve_targets(model: nn.Module, config: TargetingConfig) -> list[str] | str:
     """The effective target_modules: the config's, or the method's default for this model type."""
     if config.target_modules is not None:
-        return config.target_modules
+        targets = config.target_modules
+        return ALL_LINEAR if isinstance(targets, str) and targets.lower() == ALL_LINEAR else targets  # as peft
     kind = model_type(model)
     if kind in config.default_target_modules:
         return list(config.default_target_modules[kind])
