@@ -296,3 +296,47 @@ def test_merge_into_tied_embedding_is_refused():
     torch.testing.assert_close(c_attn.get_base_layer().weight, weight, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(pm(**inputs).logits, before, atol=0, rtol=0)
+
+
+class Chain(nn.Module):
+    """Embedding -> Conv1d -> strided Conv2d -> GPT-2 Conv1D -> Linear, to route rows through every layer type."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 6, padding_idx=0)
+        self.conv1 = nn.Conv1d(6, 5, 3, padding=1)
+        self.conv = nn.Conv2d(5, 4, 3, stride=2, padding=1)
+        self.gpt = Conv1D(8, 4)
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(self.emb(ids).transpose(1, 2))  # (B, 5, T)
+        h = self.conv(h[:, :, None, :].expand(-1, -1, 4, -1)).mean((2, 3))  # (B, 4)
+        return self.lin(self.gpt(h))  # (B, 3)
+
+
+def test_per_row_adapters_on_every_layer_type():
+    from peftkit import BASE
+
+    everything = ["emb", "conv1", "conv", "gpt", "lin"]
+    pm = get_peft_model(Chain(), LoraConfig(r=2, target_modules=everything, init_lora_weights=False))
+    pm.add_adapter(
+        "b", LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=everything[:3], init_lora_weights=False)
+    )
+    pm.eval()
+    ids = torch.tensor([[0, 3, 5, 7, 1, 2, 0, 9], [4, 4, 0, 0, 19, 8, 6, 1], [1, 2, 3, 4, 5, 6, 7, 8]])
+    alone = {}
+    with torch.no_grad():
+        for name in ("default", "b"):
+            pm.set_adapter(name)
+            alone[name] = pm(ids)
+        with pm.disable_adapter():
+            alone[BASE] = pm(ids)
+        rows = ["b", BASE, "default"]
+        routed = pm(ids, adapter_names=rows)
+    assert not torch.allclose(alone["b"], alone[BASE]) and not torch.allclose(alone["default"], alone[BASE])
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(routed[i], alone[name][i], **TOL, msg=f"row {i} ({name})")
