@@ -195,7 +195,7 @@ def test_config_round_trips_through_json(tmp_path):
     assert config_from_dict(config.read_dict(tmp_path)) == config
 
 
-def test_linear_combination_by_hand(tmp_path):
+def test_linear_combination_by_hand():
     pm = get_peft_model(build("llama"), BitFitConfig(add_missing_bias=True, task_type="CAUSAL_LM"))
     pm.add_adapter("b", BitFitConfig(add_missing_bias=True, bias_patterns=["v_proj"], task_type="CAUSAL_LM"))
     pm.add_adapter("lora", LoraConfig(target_modules=["v_proj"], task_type="CAUSAL_LM"))  # wraps the BitFit layers
@@ -207,13 +207,17 @@ def test_linear_combination_by_hand(tmp_path):
         if isinstance(layer, BitFitLayer):
             held.setdefault(name.replace(".base_layer", ""), {}).update(layer.bitfit_bias.items())
     assert len(held) == 2 * 7 and all("mix" in h for h in held.values())
+    assert sum(isinstance(m, BitFitLayer) for m in pm.modules()) == 2 * 7  # one BitFit layer per module, under LoRA
     for name, h in held.items():
         expected = 0.5 * h["default"] + 2.0 * h.get("b", 0.0)
         torch.testing.assert_close(h["mix"], expected, atol=TOL, rtol=0, msg=name)
-    pm.save_pretrained(tmp_path, selected_adapters=["mix"])  # the combination is an ordinary adapter
-    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "mix").eval()
-    pm.set_adapter("mix")
-    pm.eval()
-    torch.testing.assert_close(output(loaded, batch("llama")), output(pm, batch("llama")), atol=TOL, rtol=0)
+    before = {k: v.clone() for k, v in pm.get_base_model().state_dict().items()}
+    pm.set_adapter(["mix", "lora"])
+    mixed = output(pm, batch("llama"))
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, batch("llama")), mixed, atol=TOL, rtol=0)
+    pm.unmerge_adapter()
+    after = pm.get_base_model().state_dict()
+    assert set(after) == set(before) and all(torch.allclose(after[k], v, atol=TOL) for k, v in before.items())
     with pytest.raises(ConfigError, match=r"combination_type='ties'.*only with 'linear'"):
         pm.add_weighted_adapter(["default", "b"], [0.5, 0.5], "bad", combination_type="ties", density=0.5)

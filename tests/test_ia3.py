@@ -187,6 +187,18 @@ def test_init_false_is_random_and_lives_beside_lora():
     pm.set_adapter("default")
     torch.testing.assert_close(output(pm, inputs), ia3_out, atol=TOL, rtol=0)
     assert not torch.allclose(ia3_out, lora_out, atol=1e-3)
+    # a second (IA)3 adapter joins the (IA)3 layer now inside LoRA's wrapper: one (IA)3 layer per module
+    pm.add_adapter("c", IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+    assert sum(isinstance(m, IA3Layer) for m in pm.modules()) == 2 * 3
+    assert pm.model.model.layers[0].self_attn.k_proj.base_layer.adapter_names == ["default", "c"]
+    before = {k: v.clone() for k, v in pm.get_base_model().state_dict().items()}
+    pm.set_adapter(["default", "lora", "c"])
+    combined = output(pm, inputs)
+    pm.merge_adapter()
+    torch.testing.assert_close(output(pm, inputs), combined, atol=TOL, rtol=0)
+    pm.unmerge_adapter()
+    after = pm.get_base_model().state_dict()
+    assert all(torch.allclose(after[k], v, atol=TOL) for k, v in before.items())
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------------

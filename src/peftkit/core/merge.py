@@ -28,7 +28,9 @@ def merge_layers(model: nn.Module, adapter_names: Iterable[str]) -> None:
         if todo:
             plan.append((path, layer, todo))
     check_not_tied(model, [(path, layer) for path, layer, _ in plan if not isinstance(layer, ModulesToSave)])
-    for _, layer, todo in plan:
+    # innermost first: an outer wrapper adds to the output of the inner one (LoRA around (IA)3: l W x + s B A x),
+    # so it merges into a weight that already holds the inner merge; unmerge_layers undoes it outermost first
+    for _, layer, todo in reversed(plan):
         layer.merge(todo)
 
 

@@ -145,9 +145,10 @@ class BitFitLayer(AdapterLayer):
 
     def update_layer(self, adapter_name: str, config: BitFitConfig, module_name: str) -> None:
         base = self.get_base_layer()
-        ref = base.bias if has_bias(base) else base.weight
-        dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-        self.bitfit_bias[adapter_name] = nn.Parameter(torch.zeros(bias_shape(base), dtype=dtype, device=ref.device))
+        ref = next((t for t in (getattr(base, "bias", None), getattr(base, "weight", None)) if t is not None), None)
+        dtype = ref.dtype if ref is not None and ref.dtype in (torch.float32, torch.float64) else torch.float32
+        device = ref.device if ref is not None else None
+        self.bitfit_bias[adapter_name] = nn.Parameter(torch.zeros(bias_shape(base), dtype=dtype, device=device))
 
     def _shaped(self, delta: torch.Tensor, out_dim: int, batched: bool) -> torch.Tensor:
         """(*bias), or (B, *bias) when ``batched``, -> a shape that broadcasts over an output of ``out_dim`` dims."""
@@ -183,7 +184,8 @@ class BitFitLayer(AdapterLayer):
         for name in adapter_names:
             delta = self.bitfit_bias[name]
             if not has_bias(base):  # add the bias the model lacked (frozen, like every base tensor)
-                base.bias = nn.Parameter(torch.zeros_like(delta, dtype=base.weight.dtype), requires_grad=False)
+                dtype = base.weight.dtype if getattr(base, "weight", None) is not None else delta.dtype
+                base.bias = nn.Parameter(torch.zeros_like(delta, dtype=dtype), requires_grad=False)
             base.bias.add_(delta.to(base.bias.dtype))
             self.merged_adapters.append(name)
 
@@ -241,7 +243,19 @@ def dispatch(module: nn.Module) -> type[BitFitLayer] | None:
 
 
 def inject(model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
-    inject_layers(model, config, adapter_name, find_bias_targets(model, config), dispatch)
+    targets = [_own_layer(model, n) for n in find_bias_targets(model, config)]
+    inject_layers(model, config, adapter_name, targets, dispatch)
+
+
+def _own_layer(model: nn.Module, name: str) -> str:
+    """The path of the BitFit layer already inside ``name``'s wrappers (another method may have wrapped it since),
+    so that a module holds one BitFit layer, whose merge and unmerge see every BitFit adapter; else ``name``."""
+    module, path = model.get_submodule(name), name
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, BitFitLayer):
+            return path
+        module, path = module.base_layer, f"{path}.base_layer"
+    return name
 
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------

