@@ -77,6 +77,13 @@ def test_eval_output_is_base_with_w_plus_gated_delta():
         assert not torch.equal(pm(**inputs).logits, pm(**inputs).logits)
 
 
+def test_all_with_exclusions_and_layers():
+    config = DiffPruningConfig(exclude_modules=r".*attention.*", layers_to_transform=[1], task_type="SEQ_CLS")
+    pm = get_peft_model(build("bert"), config)
+    assert layers(pm) and all(n.startswith("bert.encoder.layer.1.") and "attention" not in n for n in layers(pm))
+    assert "bert.encoder.layer.1.output.LayerNorm" in layers(pm)  # LayerNorm and biases too, not only Linear
+
+
 def test_auxiliary_loss_is_the_expected_l0_norm():
     config = DiffPruningConfig(target_modules=["query", "value"], l0_lambda=0.01, temperature=0.8)
     pm = get_peft_model(build("bert"), config)

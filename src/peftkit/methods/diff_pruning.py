@@ -31,20 +31,19 @@ written before loads as gated training state: w = d, gates open on the stored en
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from peftkit.core.config import TASK_HEADS
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import TargetingConfig, find_targets, output_head_names
 from peftkit.errors import CheckpointError, ConfigError, MergeError, TargetNotFoundError
-from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, walk, warn_tied
+from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, warn_tied
 
 ALL = "all"
 EPS = 1e-6  # keeps log u and log(1 - u) finite
@@ -392,26 +391,24 @@ def param_groups(peft_model: nn.Module, lr: float, weight_decay: float = 0.0) ->
 
 # ---- attaching ------------------------------------------------------------------------------------------------
 def find_diff_targets(model: nn.Module, config: DiffPruningConfig) -> list[str]:
-    """Paths of the modules whose own tensors get a delta, deepest first."""
-    if config.target_modules != ALL:
-        found = find_targets(model, config, lambda m: bool(own_params(m)), supported_label="modules with weights")
-        return sorted(found, key=lambda p: -p.count("."))
-    heads = output_head_names(model)
-    keep = [*(config.modules_to_save or []), *TASK_HEADS.get(config.task_type or "", ())]
-    entries = list(walk(model))
-    skip = [logical(p) for p, m in entries if isinstance(m, ModulesToSave) or p in heads]
-    skip += [logical(p) for p, _ in entries if any(logical(p) == k or logical(p).endswith("." + k) for k in keep)]
-    targets = [
-        p
-        for p, m in entries
-        if own_params(m) and not any(logical(p) == s or logical(p).startswith(s + ".") for s in skip)
-    ]
-    if not targets:
-        raise TargetNotFoundError(
-            f"target_modules='all' found no module with weights in {type(model).__name__} outside the output head "
-            "and modules_to_save; name modules with target_modules=[...]."
-        )
-    return list(reversed(targets))
+    """Paths of the modules whose own tensors get a delta, deepest first. 'all' is every module with weights but the
+    output head; exclude_modules, layers_to_transform and modules_to_save apply as for any targeting config."""
+    spec = ".*" if config.target_modules == ALL else config.target_modules
+    found = find_targets(
+        model,
+        replace(config, target_modules=spec),
+        lambda m: bool(own_params(m)),
+        supported_label="modules with weights",
+    )
+    if config.target_modules == ALL:
+        heads = output_head_names(model)
+        found = [p for p in found if p not in heads]
+        if not found:
+            raise TargetNotFoundError(
+                f"target_modules='all' found no module with weights in {type(model).__name__} outside the output "
+                "head and modules_to_save; name modules with target_modules=[...]."
+            )
+    return sorted(found, key=lambda p: -p.count("."))
 
 
 def inject(model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> None:
