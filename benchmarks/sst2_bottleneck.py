@@ -19,10 +19,10 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.trainer import train
 
 DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
-RUNS = {  # name -> (method, method_args, learning rate)
-    "houlsby": ("bottleneck", {"preset": "houlsby"}, 2e-3),
-    "pfeiffer": ("bottleneck", {"preset": "pfeiffer"}, 2e-3),
-    "compacter": ("compacter", {"preset": "compacter"}, 5e-3),
+RUNS = {  # name -> (method, method_args, default learning rate)
+    "houlsby": ("bottleneck", {"preset": "houlsby"}, 5e-3),
+    "pfeiffer": ("bottleneck", {"preset": "pfeiffer"}, 5e-3),
+    "compacter": ("compacter", {"preset": "compacter"}, 1e-2),
 }
 
 
@@ -30,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: per method)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/sst2_bottleneck")
     args = parser.parse_args()
@@ -37,6 +38,7 @@ def main() -> None:
         raise SystemExit(f"SST-2 not found at {DATA}; set PEFTKIT_DATA to the folder that holds sst2/.")
     for name in args.methods:
         method, method_args, lr = RUNS[name]
+        lr = args.lr or lr
         start = time.time()
         config = TrainConfig(
             model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
