@@ -35,6 +35,15 @@ X = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 T = torch.tensor([10, 500])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models run fastest on one thread; on a loaded 2-core machine a second thread mostly spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base():
     return ex.tiny_unet(), ex.tiny_text_encoder()
@@ -496,9 +505,9 @@ def test_a_failed_second_load_keeps_the_first_adapter(pipe, base):
 
 # ---- the training example ------------------------------------------------------------------------------------------
 def test_training_example_lowers_the_diffusion_loss(tmp_path, base):
-    result = ex.main(steps=20, out=str(tmp_path / "trained.safetensors"))
+    result = ex.main(steps=12, out=str(tmp_path / "trained.safetensors"))
     losses = result["losses"]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     assert result["eval_after"] < result["eval_before"] - 0.03
     tensors, _ = kohya.read_file(tmp_path / "trained.safetensors")
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
