@@ -190,13 +190,40 @@ def test_diffusers_load_lora_weights_reads_peftkit_files(pipe, base, tmp_path):
 def test_conversion_functions_round_trip(pipe, tmp_path):
     parts = random_parts(pipe, "sd-unet-attn")
     sd.write_kohya(parts, tmp_path / "k.safetensors")
-    sd.kohya_to_peftkit(tmp_path / "k.safetensors", tmp_path / "pk")
+    # with the components given, paths are resolved on them (transformers 5's CLIPTextModel has no 'text_model.')
+    sd.kohya_to_peftkit(tmp_path / "k.safetensors", tmp_path / "pk", unet=pipe.unet, text_encoder=pipe.text_encoder)
     assert (tmp_path / "pk" / "unet" / "adapter_config.json").is_file()
     sd.peftkit_to_diffusers(tmp_path / "pk", tmp_path / "d.safetensors")
     sd.diffusers_to_kohya(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", unet=pipe.unet)
     a, _ = kohya.read_file(tmp_path / "k.safetensors")
     b, _ = kohya.read_file(tmp_path / "k2.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the peftkit folders are ordinary save_pretrained output: PeftModel.from_pretrained gives the hand-merged model
+    from peftkit import PeftModel
+
+    expected = run(merged_by_hand(pipe, parts))
+    loaded = SimpleNamespace(
+        unet=PeftModel.from_pretrained(copy.deepcopy(pipe.unet), tmp_path / "pk" / "unet"),
+        text_encoder=PeftModel.from_pretrained(copy.deepcopy(pipe.text_encoder), tmp_path / "pk" / "text_encoder"),
+    )
+    got = run(loaded)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_older_diffusers_keys_with_alpha_tensors(pipe, tmp_path):
+    """diffusers' pre-peft text encoder keys (.lora_linear_layer.down / .up) with network-alpha tensors."""
+    parts = random_parts(pipe, "sd-unet-attn")
+    tensors = {}
+    for path, mod in parts["text_encoder"].items():
+        key = f"text_encoder.text_model.{path}"
+        tensors[f"{key}.lora_linear_layer.down.weight"] = mod.down
+        tensors[f"{key}.lora_linear_layer.up.weight"] = mod.up
+        tensors[f"{key}.alpha"] = torch.tensor(mod.alpha)
+    kohya.write_file(tensors, tmp_path / "old.safetensors", {})
+    expected = run(merged_by_hand(pipe, {"text_encoder": parts["text_encoder"]}))
+    assert sd.load_lora(pipe, tmp_path / "old.safetensors", "old") == ["text_encoder"]
+    torch.testing.assert_close(run(pipe)[0], expected[0], atol=1e-5, rtol=1e-5)
 
 
 def test_ldm_names_map_both_ways():
