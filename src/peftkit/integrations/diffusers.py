@@ -299,7 +299,9 @@ def write_kohya(
         renames = kohya.ldm_unet_names(list(parts.get("unet", {})), unet.config.layers_per_block, up_attn)
     te = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}
     tensors = kohya.build(parts, te, renames)
-    kohya.write_file(tensors, path, kohya.metadata(parts, sdxl, title, extra_metadata))
+    cross = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    base = "sdxl_base_v1-0" if sdxl else "sd_v2" if cross == 1024 else "sd_v1"  # SD 2.x: OpenCLIP-H, 1024 wide
+    kohya.write_file(tensors, path, kohya.metadata(parts, base, title, extra_metadata))
 
 
 def write_diffusers(parts: dict[str, dict[str, ModuleLora]], path: str | Path) -> None:

@@ -332,8 +332,17 @@ def build(
     return out
 
 
-def metadata(parts: dict[str, dict[str, ModuleLora]], sdxl: bool, title: str, extra: dict | None) -> dict[str, str]:
-    """kohya's ss_* training metadata and the SAI model spec (modelspec.*) fields readers show."""
+ARCHITECTURES = {  # kohya's ss_base_model_version -> SAI model spec architecture
+    "sd_v1": "stable-diffusion-v1",
+    "sd_v2": "stable-diffusion-v2-768-v",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+}
+
+
+def metadata(parts: dict[str, dict[str, ModuleLora]], base: str, title: str, extra: dict | None) -> dict[str, str]:
+    """kohya's ss_* training metadata and the SAI model spec (modelspec.*) fields readers show.
+    ``base``: 'sd_v1', 'sd_v2' or 'sdxl_base_v1-0' (kohya's ss_base_model_version)."""
+    sdxl = base.startswith("sdxl")
     linear = [m for mods in parts.values() for m in mods.values() if m.down.dim() == 2 or m.down.shape[2:] == (1, 1)]
     conv = [m for mods in parts.values() for m in mods.values() if m.down.dim() == 4 and m.down.shape[2:] != (1, 1)]
     first = linear[0] if linear else conv[0]
@@ -341,11 +350,11 @@ def metadata(parts: dict[str, dict[str, ModuleLora]], sdxl: bool, title: str, ex
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(first.rank),
         "ss_network_alpha": str(first.alpha),
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
-        "ss_v2": "False",
+        "ss_base_model_version": base,
+        "ss_v2": str(base == "sd_v2"),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{'stable-diffusion-xl-v1-base' if sdxl else 'stable-diffusion-v1'}/lora",
+        "modelspec.architecture": f"{ARCHITECTURES.get(base, base)}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
         "modelspec.title": title,
         "modelspec.date": datetime.date.today().isoformat(),
