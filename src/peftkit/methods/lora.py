@@ -294,6 +294,8 @@ class LoraLinear(LoraLayer):
         ):
             return None
         weight = base.weight
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts addmm but not the in-place addmm_
+            return None
         if x.dtype != weight.dtype or weight.dtype != next(iter(self.lora_A.values())).weight.dtype:
             return None
         return weight if self.fan_in_fan_out else weight.T
