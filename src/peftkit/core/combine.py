@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from peftkit.core.io import check_adapter_name
+from peftkit.core.layer import ModulesToSave
+from peftkit.core.merge import adapter_layers
 from peftkit.core.registry import method_of
 from peftkit.errors import AdapterNameError, ConfigError, choices
 
@@ -147,3 +149,24 @@ def add_weighted_adapter(
         **options,
     )
     peft_model.set_adapter(peft_model.active_adapters or adapter_name)  # refresh layers; the new one stays inactive
+
+
+def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
+    """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
+    for _, layer in adapter_layers(peft_model.model):
+        copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}
+        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
+        total = sum(w for _, w in pairs)
+        if new_name not in copies or not pairs or not total:
+            continue
+        with torch.no_grad():
+            for key, dst in copies[new_name].state_dict().items():
+                if dst.is_floating_point():
+                    dst.copy_(sum(state[key] * w for state, w in pairs) / total)
+
+
+def free_name(path: str) -> str:
+    """The name the targeting rules see for a layer that another adapter's wrapper may enclose."""
+    while path.endswith(".base_layer"):
+        path = path.removesuffix(".base_layer")
+    return path

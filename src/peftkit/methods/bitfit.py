@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftkit.core.combine import free_name, mean_head_copies
 from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
@@ -291,28 +292,8 @@ def _deltas_by_module(peft_model: Any) -> dict[str, dict[str, nn.Parameter]]:
     out: dict[str, dict[str, nn.Parameter]] = {}
     for path, layer in adapter_layers(peft_model.model):
         if isinstance(layer, BitFitLayer):
-            out.setdefault(_free_name(path), {}).update(layer.bitfit_bias.items())
+            out.setdefault(free_name(path), {}).update(layer.bitfit_bias.items())
     return out
-
-
-def _free_name(path: str) -> str:
-    """The name the targeting rules see for a layer that another adapter's wrapper may enclose."""
-    while path.endswith(".base_layer"):
-        path = path.removesuffix(".base_layer")
-    return path
-
-
-def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
-    """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
-    for _, layer in adapter_layers(peft_model.model):
-        copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}
-        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
-        total = sum(w for _, w in pairs)
-        if new_name not in copies or not pairs or not total:
-            continue
-        for key, dst in copies[new_name].state_dict().items():
-            if dst.is_floating_point():
-                dst.copy_(sum(state[key] * w for state, w in pairs) / total)
 
 
 METHOD = Method(

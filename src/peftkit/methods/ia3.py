@@ -27,8 +27,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftkit.core.combine import free_name, mean_head_copies
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import (
@@ -173,7 +174,7 @@ class IA3Layer(AdapterLayer):
         raise NotImplementedError
 
     def update_layer(self, adapter_name: str, config: IA3Config, module_name: str) -> None:
-        module_name = _free_name(module_name)
+        module_name = free_name(module_name)
         is_ff = config.is_feedforward(module_name)
         if self.ia3_l and is_ff != self.is_feedforward:
             raise ConfigError(
@@ -379,29 +380,9 @@ def _vectors_by_module(peft_model: Any) -> dict[str, tuple[dict[str, nn.Paramete
     out: dict[str, tuple[dict[str, nn.Parameter], bool]] = {}
     for path, layer in adapter_layers(peft_model.model):
         if isinstance(layer, IA3Layer):
-            held, _ = out.setdefault(_free_name(path), ({}, layer.is_feedforward))
+            held, _ = out.setdefault(free_name(path), ({}, layer.is_feedforward))
             held.update(layer.ia3_l.items())
     return out
-
-
-def _free_name(path: str) -> str:
-    """The name the targeting rules see for a layer that another adapter's wrapper may enclose."""
-    while path.endswith(".base_layer"):
-        path = path.removesuffix(".base_layer")
-    return path
-
-
-def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
-    """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
-    for _, layer in adapter_layers(peft_model.model):
-        copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}
-        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
-        total = sum(w for _, w in pairs)
-        if new_name not in copies or not pairs or not total:
-            continue
-        for key, dst in copies[new_name].state_dict().items():
-            if dst.is_floating_point():
-                dst.copy_(sum(state[key] * w for state, w in pairs) / total)
 
 
 METHOD = Method(name="ia3", config_class=IA3Config, strategy="wrap", inject=inject, can_merge=True, combine=combine)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.combine import COMBINATIONS, combine_tensors, svd_factors
+from peftkit.core.combine import COMBINATIONS, combine_tensors, mean_head_copies, svd_factors
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.merge import adapter_layers
@@ -609,22 +609,10 @@ def combine(
                     _factors_of(layer, new_name), _combined_factors(layer, present, w, combination_type, rank, **kw)
                 ):
                     dst.copy_(src)
-            _mean_copies(peft_model, adapters, weights, new_name)
+            mean_head_copies(peft_model, adapters, weights, new_name)
     except Exception:
         peft_model.delete_adapter(new_name)
         raise
-
-
-def _mean_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
-    for _, layer in adapter_layers(peft_model.model):
-        copies = getattr(layer, "modules_to_save", None)
-        if isinstance(layer, LoraLayer) or copies is None or new_name not in copies:
-            continue
-        pairs = [(copies[n].state_dict(), w) for n, w in zip(adapters, weights, strict=True) if n in copies]
-        total = sum(w for _, w in pairs)
-        for key, dst in copies[new_name].state_dict().items():
-            if dst.is_floating_point() and pairs and total:
-                dst.copy_(sum(state[key] * w for state, w in pairs) / total)
 
 
 # ---- hot-swapping (peftkit.core.hotswap) ----------------------------------------------------------------------
