@@ -207,8 +207,39 @@ def test_convert_writes_what_hugging_face_peft_loads(files, tmp_path, capsys):
     ids = torch.randint(5, 40, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(theirs(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
-    assert "--to 'kohya' is not a format" in fail(
-        capsys, "convert", tmp_path / "adapter", tmp_path / "x", "--to", "kohya"
+    assert "--to 'onnx' is not a format" in fail(
+        capsys, "convert", tmp_path / "adapter", tmp_path / "x", "--to", "onnx"
+    )
+
+
+def test_convert_stable_diffusion_kohya_diffusers_peftkit(tmp_path, capsys):
+    """kohya -> diffusers -> peftkit folders -> kohya gives back the same tensors (the tensors hand-made)."""
+    from peftkit.integrations import diffusers as sd
+    from peftkit.integrations import kohya
+    from peftkit.integrations.kohya import ModuleLora
+
+    gen = torch.Generator().manual_seed(0)
+    parts = {
+        "unet": {
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": ModuleLora(
+                torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), 2.0
+            ),
+            "down_blocks.0.resnets.0.conv1": ModuleLora(
+                torch.randn(2, 16, 3, 3, generator=gen), torch.randn(32, 2, 1, 1, generator=gen), 1.0
+            ),
+        }
+    }
+    sd.write_kohya(parts, tmp_path / "k.safetensors")
+    run(capsys, "convert", tmp_path / "k.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
+    run(capsys, "convert", tmp_path / "d.safetensors", tmp_path / "pk", "--to", "peftkit")
+    assert (tmp_path / "pk" / "unet" / "adapter_model.safetensors").is_file()
+    out = run(capsys, "convert", tmp_path / "pk", tmp_path / "k2.safetensors", "--to", "kohya")
+    assert "unet: 2 LoRA modules" in out
+    a, _ = kohya.read_file(tmp_path / "k.safetensors")
+    b, _ = kohya.read_file(tmp_path / "k2.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+    assert "ending in .safetensors" in fail(
+        capsys, "convert", tmp_path / "k.safetensors", tmp_path / "x", "--to", "kohya"
     )
 
 

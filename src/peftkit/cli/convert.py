@@ -3,6 +3,10 @@
 peftkit writes Hugging Face peft's format (same adapter_config.json keys, same tensor names), so for the
 methods both libraries have (LoRA, (IA)3, prompt and prefix tuning) converting checks the files and rewrites
 them cleanly: the config parsed and re-written, tensor names normalised to peft's ``base_model.model.`` keys.
+
+Stable Diffusion LoRA files convert between kohya / A1111 single files (LyCORIS LoHa / LoKr read too),
+diffusers' layout and peftkit folders (one save_pretrained folder per component: unet/, text_encoder/...):
+``peftkit convert lora.safetensors out.safetensors --to diffusers``. See docs/stable_diffusion.md.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from peftkit.core.config import PeftConfig
 from peftkit.core.registry import config_from_dict
 from peftkit.errors import CheckpointError, ConfigError, choices
 
-FORMATS = ("peft", "peftkit")
+FORMATS = ("peft", "peftkit", "kohya", "diffusers")
+SD_FILE_FORMATS = ("kohya", "diffusers")  # Stable Diffusion single-file formats
 PEFT_TYPES = {"LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING"}  # methods Hugging Face peft can load
 
 
@@ -30,6 +35,9 @@ def convert(
     """Validate SOURCE (config, tensor names and shapes) and rewrite it to OUTPUT in the --to format."""
     if to not in FORMATS:
         raise ConfigError(f"--to {to!r} is not a format; use one of {choices(FORMATS)}.")
+    if to in SD_FILE_FORMATS or Path(source).is_file() or _is_sd_folder(source):
+        convert_stable_diffusion(source, output, to)
+        return
     folders = adapter_folders(source)
     if not folders:
         raise CheckpointError(f"SOURCE {source!r} holds no adapter_config.json (nor sub-folders with one).")
@@ -48,3 +56,22 @@ def convert(
         io.save_tensors(io.to_file_keys(tensors), target)
         size = sum(t.numel() for t in tensors.values())
         typer.echo(f"{name}: {config.peft_type}, {len(tensors)} tensors, {size:,d} values -> {Path(target)}")
+
+
+def _is_sd_folder(source: str) -> bool:
+    from peftkit.integrations.diffusers import COMPONENTS
+
+    return any((Path(source) / c / "adapter_config.json").is_file() for c in COMPONENTS)
+
+
+def convert_stable_diffusion(source: str, output: str, to: str) -> None:
+    """kohya / LyCORIS / diffusers file or peftkit SD folder -> kohya file, diffusers file, or peftkit folders."""
+    from peftkit.integrations import diffusers as sd
+
+    if to in SD_FILE_FORMATS and not output.endswith(".safetensors"):
+        raise ConfigError(f"OUTPUT {output!r}: --to {to} writes one file; give a path ending in .safetensors.")
+    parts = sd.read_lora(source)
+    writers = {"kohya": sd.write_kohya, "diffusers": sd.write_diffusers}
+    writers.get(to, sd.write_peftkit)(parts, output)
+    for component, modules in parts.items():
+        typer.echo(f"{component}: {len(modules)} LoRA modules -> {output} ({to})")
