@@ -67,6 +67,17 @@ class Injection:
         self._updated.clear()
 
 
+def own_layer_path(model: nn.Module, name: str, layer_class: type[AdapterLayer]) -> str:
+    """The path of the ``layer_class`` layer already inside ``name``'s wrappers (another method may have wrapped it
+    since), so a module holds one layer per method, whose merge and unmerge see all its adapters; else ``name``."""
+    module, path = model.get_submodule(name), name
+    while isinstance(module, AdapterLayer):
+        if isinstance(module, layer_class):
+            return path
+        module, path = module.base_layer, f"{path}.base_layer"
+    return name
+
+
 def inject_layers(
     model: nn.Module, config: PeftConfig, adapter_name: str, targets: list[str], dispatch: LayerFactory
 ) -> None:

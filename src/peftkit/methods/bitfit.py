@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit.core.combine import free_name, mean_head_copies
 from peftkit.core.config import TASK_HEADS, PeftConfig
-from peftkit.core.inject import inject_layers
+from peftkit.core.inject import inject_layers, own_layer_path
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
@@ -244,19 +244,8 @@ def dispatch(module: nn.Module) -> type[BitFitLayer] | None:
 
 
 def inject(model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
-    targets = [_own_layer(model, n) for n in find_bias_targets(model, config)]
+    targets = [own_layer_path(model, n, BitFitLayer) for n in find_bias_targets(model, config)]
     inject_layers(model, config, adapter_name, targets, dispatch)
-
-
-def _own_layer(model: nn.Module, name: str) -> str:
-    """The path of the BitFit layer already inside ``name``'s wrappers (another method may have wrapped it since),
-    so that a module holds one BitFit layer, whose merge and unmerge see every BitFit adapter; else ``name``."""
-    module, path = model.get_submodule(name), name
-    while isinstance(module, AdapterLayer):
-        if isinstance(module, BitFitLayer):
-            return path
-        module, path = module.base_layer, f"{path}.base_layer"
-    return name
 
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------

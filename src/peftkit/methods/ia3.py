@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from peftkit.core.combine import free_name, mean_head_copies
-from peftkit.core.inject import inject_layers
+from peftkit.core.inject import inject_layers, own_layer_path
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
@@ -328,18 +328,7 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
     # layers detect the (in, out) storage themselves; the saved flag says so, as peft writes it for GPT-2
     config.fan_in_fan_out = any(is_conv1d_gpt2(base_of(model.get_submodule(n))) for n in targets)
-    inject_layers(model, config, adapter_name, [_own_layer(model, n) for n in targets], dispatch)
-
-
-def _own_layer(model: nn.Module, name: str) -> str:
-    """The path of the (IA)3 layer already inside ``name``'s wrappers (another method may have wrapped it since),
-    so that a module holds one (IA)3 layer, whose merge and unmerge see every (IA)3 adapter; else ``name``."""
-    module, path = model.get_submodule(name), name
-    while isinstance(module, AdapterLayer):
-        if isinstance(module, IA3Layer):
-            return path
-        module, path = module.base_layer, f"{path}.base_layer"
-    return name
+    inject_layers(model, config, adapter_name, [own_layer_path(model, n, IA3Layer) for n in targets], dispatch)
 
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------
