@@ -284,6 +284,23 @@ def test_compare_writes_table_and_plot(files, tmp_path, capsys):
     assert "'bogus' is not a setting of lora" in fail(capsys, "compare", "--method", "lora:bogus=1")
 
 
+def test_compare_runs_every_registered_method_with_its_defaults(files, tmp_path, capsys):
+    from peftkit.core.registry import get_method, method_names
+
+    run(capsys, "compare", "--model", files["bert"], "--data", files["csv"], "--output-dir", tmp_path,
+        "--max-steps", "2", "--no-progress", "--threads", "1", "--no-eval-before")  # fmt: skip
+    with open(tmp_path / "comparison.csv") as fh:
+        rows = {r["method"]: r for r in csv.DictReader(fh)}
+    names = [get_method(n).name for n in method_names()]
+    assert list(rows) == names and len(names) >= 4
+    assert {n: r["error"] for n, r in rows.items() if r["error"]} == {}  # every default runs on a small model
+    assert {n: float(r["lr"]) for n, r in rows.items()} == {get_method(n).name: get_method(n).learning_rate for n in method_names()}
+    assert all(float(r["trainable_pct"]) > 0 and 0 <= float(r["after"]) <= 1 for r in rows.values())
+    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "comparison.md").read_text()
+    assert table.count("\n") == 2 + len(names) and "| lr |" in table
+
+
 # ---- the embedded default -------------------------------------------------------------------------------
 def test_the_demo_runs_on_the_real_minilm_for_a_few_steps(tmp_path, capsys):
     from peftkit.train.data import package_dir

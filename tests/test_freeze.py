@@ -199,7 +199,6 @@ def test_t5_relative_position_bias_refuses_mixed_rows():
     [
         ({"trainable_layers": 0}, "trainable_layers=0"),
         ({"trainable_layers": 1, "layer_indices": [0]}, "give only one"),
-        ({}, "Nothing to train"),
         ({"trainable_modules": "["}, "not a valid regex"),
         ({"layer_indices": []}, "non-empty list"),
         ({"trainable_modules": []}, "non-empty list"),
@@ -208,6 +207,12 @@ def test_t5_relative_position_bias_refuses_mixed_rows():
 def test_bad_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LayerFreezeConfig(**kwargs)
+
+
+def test_default_trains_the_last_two_blocks():
+    assert LayerFreezeConfig().trainable_layers == 2
+    assert LayerFreezeConfig(trainable_modules=["norm"]).trainable_layers is None  # a choice given: no default
+    assert LayerFreezeConfig(layer_indices=[0]).trainable_layers is None
 
 
 def test_bad_targets_leave_the_model_untouched():

@@ -125,6 +125,28 @@ def test_auxiliary_loss_is_added(files, tmp_path, monkeypatch):
     assert extra.history["train_loss"][0] == pytest.approx(plain.history["train_loss"][0] + 5.0, abs=1e-5)
 
 
+def test_method_defaults_rate_groups_and_last_stage(files, tmp_path):
+    """Without lr a method trains at its own rate; diff pruning's gates get their own group; its last stage
+    (finalize to the target density) runs before the final evaluation, and that adapter is what is saved."""
+    from peftkit.core.registry import get_method
+
+    diff = {"target_density": 0.05, "target_modules": ["query", "value"]}
+    trainer = Trainer(config(files, tmp_path / "diff", method="diff", method_args=diff, lr=None, max_steps=4,
+                             eval_steps=2))  # fmt: skip
+    assert trainer.lr == get_method("diff").learning_rate == 1e-4
+    assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [1e-4, 0.1]  # weights, gates (gate_lr)
+    result = trainer.train()
+    assert result.lr == 1e-4 and result.best_step == 4 and result.history["eval_step"] == [0, 2, 4]
+    assert result.after == result.history["eval"][-1]
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(files["bert"])
+    entries = sum(p.numel() for n, p in base.named_parameters() if ".query." in n or ".value." in n)
+    saved = PeftModel.from_pretrained(base, tmp_path / "diff")
+    kept = sum(p.numel() for n, p in saved.named_parameters() if ".diff_values." in n)
+    assert saved.peft_config["default"].finalized and kept == round(0.05 * entries)
+
+
 def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
     a = train(config(files, tmp_path / "a", max_steps=3, eval_before=False))
     b = train(config(files, tmp_path / "b", max_steps=3, eval_before=False, gradient_checkpointing=True))

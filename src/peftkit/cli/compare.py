@@ -27,7 +27,7 @@ from peftkit.core import io
 from peftkit.core.registry import method_names
 from peftkit.errors import ConfigError, PeftkitError, choices
 
-COLUMNS = ("method", "trainable_params", "trainable_pct", "metric", "before", "after", "train_s", "peak_mb", "ckpt_kb")
+COLUMNS = ("method", "trainable_params", "trainable_pct", "lr", "metric", "before", "after", "train_s", "peak_mb", "ckpt_kb")
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -64,7 +64,9 @@ def compare(
     demo: bool = typer.Option(False, "--demo", help="Use the demo's model, data and budget (no arguments = --demo)."),
     **values: Any,
 ) -> None:
-    """Train each method on the same model, data and budget; write comparison.md, .csv and .png."""
+    """Train each method on the same model, data and budget; write comparison.md, .csv and .png.
+
+    Without --lr each method trains at its own default rate (the table's lr column); with --lr, all at that one."""
     demo = demo or (config is None and not methods and all(v is None for v in values.values()))
     base = build_train_config(values, config, demo, extra={"method_args": {}})
     out = Path(base.output_dir)
@@ -96,6 +98,7 @@ def _run_one(spec: str, base: Any, out: Path) -> dict[str, Any]:
         "method": spec,
         "trainable_params": result.trainable_params,
         "trainable_pct": 100 * result.trainable_params / max(1, result.total_params - result.trainable_params),
+        "lr": result.lr,
         "metric": metric,
         "before": result.before.get(metric),
         "after": result.after.get(metric),
@@ -125,6 +128,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         "method",
         "trainable params",
         "trainable %",
+        "lr",
         "metric",
         "dev before",
         "dev after",
@@ -136,7 +140,7 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         heads.append("error")
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
-        cells = [_cell(r.get(c)) for c in columns[: len(heads)]]
+        cells = [f"{r[c]:.0e}" if c == "lr" and r.get(c) else _cell(r.get(c)) for c in columns[: len(heads)]]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 

@@ -41,6 +41,12 @@ class Method:
                    the core copies tensors of identical shapes.
     prepare_hotswap: optional ``f(peft_model, adapter_name, target_rank)``: make later hot-swaps shape- and
                    value-stable under torch.compile (pad ranks, turn Python scalars into tensors).
+    learning_rate: the peak AdamW rate `peftkit train` uses when no ``lr`` is given: one that works at small
+                   budgets (few parameters train at high rates, whole blocks at low ones).
+    param_groups:  optional ``f(peft_model, lr, weight_decay) -> optimizer groups`` when some tensors train at
+                   their own rate (diff pruning's gates); None: every trainable tensor at ``lr``.
+    after_training: optional ``f(peft_model)`` the training loop runs after its last step, before the final
+                   evaluation and save (diff pruning's finalize to its target density).
     functions:     extra operations ``{name: f(peft_model, *args, **kwargs)}`` that PeftModel exposes as
                    ``peft_model.<name>(...)`` while an adapter of this method is loaded (diff pruning's ``finalize``).
     """
@@ -56,6 +62,9 @@ class Method:
     combine: Callable[..., None] | None = None
     hotswap: Callable[..., Any] | None = None
     prepare_hotswap: Callable[..., None] | None = None
+    learning_rate: float = 5e-4
+    param_groups: Callable[..., list[dict[str, Any]]] | None = None
+    after_training: Callable[[nn.Module], Any] | None = None
     functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False, compare=False)
 
 

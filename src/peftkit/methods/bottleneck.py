@@ -518,4 +518,5 @@ METHOD = Method(
         "output, and a non-linear function cannot be folded into a weight matrix, so they always cost extra "
         "inference time (docs/bottleneck.md measures it)."
     ),
+    learning_rate=5e-3,
 )

@@ -95,6 +95,11 @@ class CompacterConfig(BottleneckConfig):
             problems.append("parallel=True is not a Compacter placement; use BottleneckConfig(preset='parallel').")
         return problems
 
+    def width(self, d: int, module_name: str) -> int:
+        """k = d / reduction_factor rounded to a multiple of phm_dim (at least phm_dim); bottleneck_size as given."""
+        k = super().width(d, module_name)
+        return k if self.bottleneck_size is not None else max(self.phm_dim, self.phm_dim * round(k / self.phm_dim))
+
     def make_projections(self, d_in: int, k: int, d_out: int) -> tuple[nn.Module, nn.Module]:
         n = self.phm_dim
         bad = {name: v for name, v in (("d_in", d_in), ("k", k), ("d_out", d_out)) if v % n}
@@ -140,4 +145,5 @@ METHOD = Method(
         "Compacter adds bottleneck layers (PHM down-projection, non-linearity, PHM up-projection) after a "
         "module's output; a non-linear function cannot be folded into a weight matrix."
     ),
+    learning_rate=1e-2,
 )

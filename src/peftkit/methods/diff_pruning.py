@@ -373,6 +373,12 @@ def finalize(peft_model: nn.Module, target_density: float | None = None, adapter
     return k
 
 
+def finish_training(peft_model: nn.Module) -> None:
+    """The training loop's last stage: finalize the active adapter to its target density, unless done already."""
+    if not peft_model.peft_config[peft_model.active_adapter].finalized:
+        finalize(peft_model)
+
+
 def param_groups(peft_model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer groups: the gates (log α) at each config's ``gate_lr`` without weight decay, the rest at ``lr``."""
     gates: dict[float, list[nn.Parameter]] = {}
@@ -423,5 +429,8 @@ METHOD = Method(
     strategy="wrap",
     inject=inject,
     can_merge=True,
+    learning_rate=1e-4,
+    param_groups=param_groups,
+    after_training=finish_training,
     functions={"finalize": finalize},
 )

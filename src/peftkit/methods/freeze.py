@@ -51,6 +51,9 @@ SHARED_INPUT_MODULES = ("relative_attention_bias",)
 MIN_SHARE = 0.10  # a block list holds at least this share of the model's parameters
 
 
+DEFAULT_TRAINABLE_LAYERS = 2  # with nothing chosen: the last two blocks train (and the task head)
+
+
 @dataclass(kw_only=True)
 class LayerFreezeConfig(PeftConfig):
     """Which blocks and modules train (as deltas); everything else stays frozen.
@@ -63,7 +66,10 @@ class LayerFreezeConfig(PeftConfig):
 
     trainable_layers: int | None = field(
         default=None,
-        metadata={"help": "Train the last N blocks (N > 0) or the first N blocks (-N) of each block list."},
+        metadata={
+            "help": "Train the last N blocks (N > 0) or the first N blocks (-N) of each block list; "
+            f"{DEFAULT_TRAINABLE_LAYERS} when neither layer_indices nor trainable_modules is given."
+        },
     )
     layer_indices: list[int] | None = field(
         default=None,
@@ -80,6 +86,11 @@ class LayerFreezeConfig(PeftConfig):
         default=None,
         metadata={"help": "Name(s) or dotted suffix(es) of the block list(s) to use instead of detecting them."},
     )
+
+    def __post_init__(self) -> None:
+        if self.trainable_layers is None and self.layer_indices is None and self.trainable_modules is None:
+            self.trainable_layers = DEFAULT_TRAINABLE_LAYERS
+        super().__post_init__()
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -98,11 +109,6 @@ class LayerFreezeConfig(PeftConfig):
             )
         problems += _pattern_problems("trainable_modules", modules)
         problems += _pattern_problems("layers_pattern", self.layers_pattern)
-        if layers is None and indices is None and modules is None:
-            problems.append(
-                "Nothing to train: set trainable_layers (e.g. 2 for the last two blocks), layer_indices "
-                "or trainable_modules (e.g. ['norm'])."
-            )
         return problems
 
 
@@ -382,4 +388,4 @@ def inject(model: nn.Module, config: LayerFreezeConfig, adapter_name: str) -> No
     inject_layers(model, config, adapter_name, targets, lambda module: FreezeLayer)
 
 
-METHOD = Method(name="freeze", config_class=LayerFreezeConfig, strategy="wrap", inject=inject, can_merge=True)
+METHOD = Method(name="freeze", config_class=LayerFreezeConfig, strategy="wrap", inject=inject, can_merge=True, learning_rate=5e-4)

@@ -709,4 +709,5 @@ METHOD = Method(
     combine=combine,
     hotswap=hotswap,
     prepare_hotswap=prepare_hotswap,
+    learning_rate=2e-3,
 )

@@ -50,7 +50,9 @@ class TrainConfig:
     batch_size: int = field(default=16, metadata={"help": "Rows per step per process (before accumulation)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Rows per evaluation batch."})
     grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation: micro-batches per optimizer step."})
-    lr: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    lr: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (AdamW); default: the method's own (LoRA 2e-3, ...)."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of the steps spent warming the lr up from 0."})
     schedule: str = field(default="linear", metadata={"help": f"lr decay after warmup: {', '.join(SCHEDULES)}."})
@@ -94,7 +96,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 out.append(f"--{flag(name)} {value!r} must be a positive integer or left unset.")
-        if not self.lr > 0:
+        if self.lr is not None and not self.lr > 0:
             out.append(f"--lr {self.lr!r} must be > 0 (typical for adapters: 1e-4 to 1e-2).")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"--warmup-ratio {self.warmup_ratio!r} must be in [0, 1).")

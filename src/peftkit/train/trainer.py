@@ -81,6 +81,7 @@ class TrainResult:
     trainable_params: int = 0
     total_params: int = 0
     peak_memory_mb: float = 0.0
+    lr: float = 0.0  # the peak learning rate used (the method's default when none was given)
     history: dict[str, list] = field(default_factory=dict)
     labels: list[str] | None = None
     majority: float | None = None
@@ -176,7 +177,12 @@ class Trainer:
             self._checkpoint_activations(base)
         self.pm.to(self.acc.device)
         self.params = [p for p in self.pm.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.method = get_method(method_config.peft_type)
+        self.lr = config.lr or self.method.learning_rate
+        groups = (
+            self.method.param_groups(self.pm, self.lr, config.weight_decay) if self.method.param_groups else self.params
+        )
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=config.weight_decay)
         self.total_steps = self._total_steps()
         warmup = int(config.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -277,12 +283,13 @@ class Trainer:
             return classification_metrics(torch.cat(preds), torch.cat(golds), len(self.labels))
         return lm_metrics(loss_sum, tokens)
 
-    def _record_eval(self, metrics: dict[str, float]) -> bool:
-        """Store an evaluation; keep the best adapter; True when early stopping says stop."""
+    def _record_eval(self, metrics: dict[str, float], final: bool = False) -> bool:
+        """Store an evaluation; keep the best adapter (``final``: this one, whatever came before); True when early
+        stopping says stop."""
         self.history["eval_step"].append(self.state["step"])
         self.history["eval"].append(metrics)
         value, best = metrics[self.metric], self.state["best"]
-        better = best is None or (value > best if HIGHER_IS_BETTER[self.metric] else value < best)
+        better = final or best is None or (value > best if HIGHER_IS_BETTER[self.metric] else value < best)
         if better:
             self.state.update(best=value, best_step=self.state["step"], bad=0)
             if self.main:
@@ -431,7 +438,10 @@ class Trainer:
         bar.close()
         result.train_seconds = time.perf_counter() - start
         result.peak_memory_mb = memory.megabytes
-        if not self.history["eval_step"] or self.history["eval_step"][-1] != self.state["step"]:
+        if self.method.after_training:  # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
+            self.method.after_training(self.pm)
+            self._record_eval(self.evaluate(), final=True)
+        elif not self.history["eval_step"] or self.history["eval_step"][-1] != self.state["step"]:
             self._record_eval(self.evaluate())
         return self._finish(result)
 
@@ -440,7 +450,8 @@ class Trainer:
         best = self.state["best_step"]
         if best != self.state["step"]:
             self.load_adapter_weights(self.out / "best")
-        result.after = self.history["eval"][self.history["eval_step"].index(best)]
+        last = max(i for i, step in enumerate(self.history["eval_step"]) if step == best)
+        result.after = self.history["eval"][last]
         result.best_step = self.state["best_step"]
         result.steps = self.state["step"]
         result.history = self.history
@@ -476,6 +487,7 @@ class Trainer:
             total_params=total,
             labels=self.labels,
             majority=majority,
+            lr=self.lr,
         )
 
     def _bars(self) -> bool:
