@@ -27,7 +27,18 @@ from peftkit.core import io
 from peftkit.core.registry import method_names
 from peftkit.errors import ConfigError, PeftkitError, choices
 
-COLUMNS = ("method", "trainable_params", "trainable_pct", "lr", "metric", "before", "after", "train_s", "peak_mb", "ckpt_kb")
+COLUMNS = (
+    "method",
+    "trainable_params",
+    "trainable_pct",
+    "lr",
+    "metric",
+    "before",
+    "after",
+    "train_s",
+    "peak_mb",
+    "ckpt_kb",
+)
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:

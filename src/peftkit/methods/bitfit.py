@@ -286,6 +286,11 @@ def _deltas_by_module(peft_model: Any) -> dict[str, dict[str, nn.Parameter]]:
 
 
 METHOD = Method(
-    name="bitfit", config_class=BitFitConfig, strategy="wrap", inject=inject, can_merge=True, combine=combine,
+    name="bitfit",
+    config_class=BitFitConfig,
+    strategy="wrap",
+    inject=inject,
+    can_merge=True,
+    combine=combine,
     learning_rate=5e-3,
 )

@@ -388,4 +388,6 @@ def inject(model: nn.Module, config: LayerFreezeConfig, adapter_name: str) -> No
     inject_layers(model, config, adapter_name, targets, lambda module: FreezeLayer)
 
 
-METHOD = Method(name="freeze", config_class=LayerFreezeConfig, strategy="wrap", inject=inject, can_merge=True, learning_rate=5e-4)
+METHOD = Method(
+    name="freeze", config_class=LayerFreezeConfig, strategy="wrap", inject=inject, can_merge=True, learning_rate=5e-4
+)

@@ -374,4 +374,12 @@ def _vectors_by_module(peft_model: Any) -> dict[str, tuple[dict[str, nn.Paramete
     return out
 
 
-METHOD = Method(name="ia3", config_class=IA3Config, strategy="wrap", inject=inject, can_merge=True, combine=combine, learning_rate=1e-2)
+METHOD = Method(
+    name="ia3",
+    config_class=IA3Config,
+    strategy="wrap",
+    inject=inject,
+    can_merge=True,
+    combine=combine,
+    learning_rate=1e-2,
+)
