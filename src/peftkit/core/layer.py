@@ -160,6 +160,20 @@ class AdapterLayer(nn.Module):
         return groups
 
 
+class WrapsInPlace(AdapterLayer):
+    """An adapter layer that stands in for the module it wraps: attributes it does not have itself (``weight``,
+    ``bias``, sizes such as ``in_features``) are read from the wrapped module, since model code reads them (T5 reads
+    ``wo.weight.dtype``). Methods that change the module's own tensors (freezing, diff pruning) build on it."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer" or name.startswith("_"):
+                raise
+            return getattr(self.base_layer, name)
+
+
 class ModulesToSave(AdapterLayer):
     """A trainable copy of a whole module per adapter (e.g. a classifier head), saved with the adapter."""
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdapterLayer, WrapsInPlace
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method
 from peftkit.core.targeting import TargetingConfig, find_targets, output_head_names
@@ -126,7 +126,7 @@ class _Indices(nn.Module):
 
 
 # ---- layer --------------------------------------------------------------------------------------------------
-class DiffLayer(AdapterLayer):
+class DiffLayer(WrapsInPlace):
     """Runs the wrapped module with W + d for each of its own tensors; d gated (training) or on a fixed support."""
 
     adapter_param_names = ("diff_w", "diff_log_alpha", "diff_group_log_alpha", "diff_values", "diff_index")
@@ -138,14 +138,6 @@ class DiffLayer(AdapterLayer):
             setattr(self, attr, nn.ModuleDict())
         self.gate_settings: dict[str, DiffPruningConfig] = {}
         self.shared_input = False
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or name.startswith("_"):
-                raise
-            return getattr(self.base_layer, name)  # model code reads the module's weight, bias, sizes (T5: wo.weight)
 
     def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str) -> None:
         self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES

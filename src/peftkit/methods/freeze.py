@@ -38,7 +38,7 @@ from torch.func import functional_call
 
 from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave, Routing
+from peftkit.core.layer import AdapterLayer, ModulesToSave, Routing, WrapsInPlace
 from peftkit.core.method import Method
 from peftkit.core.targeting import base_of
 from peftkit.errors import RoutingError, TargetNotFoundError
@@ -251,7 +251,7 @@ def find_freeze_targets(model: nn.Module, config: LayerFreezeConfig) -> tuple[li
 
 
 # ---- layer --------------------------------------------------------------------------------------------------
-class FreezeLayer(AdapterLayer):
+class FreezeLayer(WrapsInPlace):
     """Holds one delta per own tensor of the wrapped module per adapter; runs the module with W + ΔW."""
 
     adapter_param_names = ("freeze_delta",)
@@ -260,14 +260,6 @@ class FreezeLayer(AdapterLayer):
         super().__init__(base_layer)
         self.freeze_delta = nn.ModuleDict()
         self.shared_input = False  # the first input is not the batch (see SHARED_INPUT_MODULES)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer" or name.startswith("_"):
-                raise
-            return getattr(self.base_layer, name)  # model code reads the module's weight, bias, sizes (T5: wo.weight)
 
     def update_layer(self, adapter_name: str, config: LayerFreezeConfig, module_name: str) -> None:
         self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES
