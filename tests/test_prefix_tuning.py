@@ -8,8 +8,8 @@ from transformers import DynamicCache
 
 from models import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
 from peftkit import BASE, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from peftkit.errors import ConfigError, MergeError
-from peftkit.methods.prefix_tuning import PrefixTable, eject
+from peftkit.errors import ConfigError, MergeError, TargetNotFoundError
+from peftkit.methods.prefix_tuning import PrefixTable, eject, extend_mask
 
 TOL = 1e-5
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "t5": tiny_t5}
@@ -74,6 +74,77 @@ def test_a_deep_copy_unloads_without_touching_the_original():
         plain = copy.deepcopy(pm).unload()
         torch.testing.assert_close(pm(**inputs).logits, before, atol=0, rtol=0)
         assert not torch.allclose(plain(**inputs).logits, before, atol=1e-3)
+
+
+# ---- models whose attention cannot take a prefix: refused, left as they were --------------------------------------
+class TinyMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tiny_llama().config  # even with a transformers config: there is no attention to hook
+        self.embed = torch.nn.Embedding(100, 32)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(input_ids))
+
+
+class TinyTorchTransformer(torch.nn.Module):
+    """torch's own attention (nn.MultiheadAttention) takes no KV cache argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)
+        self.encoder = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(input_ids))
+
+
+def assert_unchanged(model: torch.nn.Module, snapshot: dict, inputs: torch.Tensor, before: torch.Tensor) -> None:
+    assert dict(model.named_modules()) == snapshot  # the same module objects at the same paths
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("build", [TinyMLP, TinyTorchTransformer])
+def test_model_without_prefix_capable_attention_is_refused_and_left_unchanged(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    snapshot, inputs = dict(model.named_modules()), torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        before = model(inputs)
+    with pytest.raises(TargetNotFoundError) as err:
+        get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=3))
+    message = str(err.value)
+    assert f"no attention module in {build.__name__}" in message and "past_key_values" in message
+    assert "prompt tuning, LoRA" in message  # what to use instead
+    if build is TinyTorchTransformer:  # names what it found and why it does not fit
+        assert "'encoder.self_attn' (MultiheadAttention), whose forward takes no KV cache" in message
+    assert_unchanged(model, snapshot, inputs, before)
+
+
+def test_flex_attention_is_refused_at_attach_and_at_run_time():
+    """Flex attention's BlockMask cannot be widened by P columns: refused before anything changes; a model
+    switched to flex after attaching gets the same advice from the mask hook (the real BlockMask path costs
+    seconds of mask building on CPU, so the hook's mask widening is called with a stand-in mask object)."""
+    base = tiny_llama()
+    base.set_attn_implementation("flex_attention")
+    snapshot = dict(base.named_modules())
+    with pytest.raises(ConfigError, match=r"attn_implementation='flex_attention'.*'sdpa' or 'eager'"):
+        get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    assert dict(base.named_modules()) == snapshot and all(not m._forward_pre_hooks for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())
+
+    class BlockMask:  # what transformers hands flex attention instead of a tensor
+        pass
+
+    with pytest.raises(ConfigError, match=r"mask of type BlockMask \(flex attention\).*'sdpa' or 'eager'"):
+        extend_mask(BlockMask(), torch.ones(2, 3, dtype=torch.bool), 7, 7, True, torch.float32)
 
 
 # ---- equals a hand-built KV cache -------------------------------------------------------------------------------
@@ -224,6 +295,55 @@ def test_projection_is_saved_for_resuming_and_eject_flattens_it(tmp_path):
         torch.testing.assert_close(before, expected, atol=TOL, rtol=0)
     with pytest.raises(ConfigError, match="no prefix projection"):
         eject(pm)
+
+
+def adamw_steps(pm: PeftModel, batches: list[dict]) -> list[float]:
+    """One AdamW step per batch on the trainable parameters, with a fresh optimizer."""
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for inputs in batches:
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_resuming_a_projection_checkpoint_trains_the_mlp_as_an_uninterrupted_run(tmp_path):
+    """Train, save, reload with is_trainable=True and train on: the MLP (not a flat prefix) is what loads and
+    trains, and the run equals one that never stopped (with the optimizer re-created at the save point)."""
+    batches = [batch("llama", rows=2, seed=s) for s in range(4)]
+    config = PrefixTuningConfig(
+        num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=12, task_type="CAUSAL_LM"
+    )
+    torch.manual_seed(1)
+    pm = get_peft_model(tiny_llama(), config).train()
+    adamw_steps(pm, batches[:2])
+    saved = {k: v.clone() for k, v in pm.adapter_state_dict("default").items()}
+    pm.save_pretrained(tmp_path / "step2")
+    with torch.no_grad():
+        saved_logits = pm.eval()(**batches[0]).logits
+    uninterrupted = adamw_steps(pm.train(), batches[2:])
+    final = pm.adapter_state_dict("default")
+
+    resumed = PeftModel.from_pretrained(tiny_llama(), tmp_path / "step2", is_trainable=True)
+    loaded = resumed.adapter_state_dict("default")
+    assert set(loaded) == set(saved) and not any("prompt_embeddings" in k for k in loaded)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key  # the trained MLP, bit for bit
+    trainable = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    mlp = ("embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias")
+    assert trainable == {f"base_model.model.model.embed_tokens.prefix_encoder.default.{k}" for k in mlp}
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(**batches[0]).logits, saved_logits, atol=0, rtol=0)
+    frozen = {n: p.clone() for n, p in resumed.named_parameters() if not p.requires_grad}
+    losses = adamw_steps(resumed.train(), batches[2:])
+    assert losses == pytest.approx(uninterrupted, abs=1e-6)
+    for key, value in resumed.adapter_state_dict("default").items():
+        torch.testing.assert_close(value, final[key], atol=1e-6, rtol=0)
+        assert not torch.equal(value, saved[key]), f"{key} did not train"
+    assert all(torch.equal(p, frozen[n]) for n, p in resumed.named_parameters() if not p.requires_grad)
 
 
 def test_prompt_prefix_and_lora_live_on_one_model_and_switch():

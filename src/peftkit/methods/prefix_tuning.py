@@ -292,13 +292,34 @@ def fill_from_model(config: PrefixTuningConfig, model: nn.Module) -> None:
         config.encoder_hidden_size = config.token_dim
 
 
-def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
-    sites = attention_sites(model)
+def check_model(model: nn.Module, sites: list[nn.Module]) -> None:
+    """Refuse, before anything changes, a model whose attention cannot take a prefix: no attention module that
+    takes a KV cache (a plain MLP, ``nn.MultiheadAttention``), or flex attention (its block masks are built
+    for the real keys only and cannot be widened)."""
     if not sites:
+        others = [
+            f"{name!r} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if type(module).__name__.endswith("Attention")
+        ]
+        found = f"; found {', '.join(others[:4])}, whose forward takes no KV cache" if others else ""
         raise TargetNotFoundError(
             f"Prefix tuning found no attention module in {type(model).__name__} (a module named '*Attention' "
-            "whose forward takes a KV cache); it supports transformers models such as BERT, Llama, GPT-2 and T5."
+            f"whose forward takes a `past_key_values` or `cache` argument){found}. It supports transformers models "
+            "such as BERT, Llama, GPT-2 and T5; for other models use prompt tuning, LoRA or a bottleneck adapter."
         )
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation == "flex_attention":
+        raise ConfigError(
+            f"Prefix tuning cannot widen flex attention's block masks (attn_implementation={implementation!r}); "
+            "load the model with attn_implementation='sdpa' or 'eager', or call "
+            "model.set_attn_implementation('sdpa') before get_peft_model."
+        )
+
+
+def inject(model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> None:
+    sites = attention_sites(model)
+    check_model(model, sites)
     fill_from_model(config, model)
     name = hf.input_embedding_name(model)
     with Injection(model, adapter_name) as inj:

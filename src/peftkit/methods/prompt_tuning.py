@@ -136,13 +136,20 @@ class PromptEmbedding(AdapterLayer):
 
 
 def _text_ids(config: PromptTuningConfig, rows: int) -> torch.Tensor:
-    """Token ids of the init text, repeated and cut to ``rows`` (section 3.2)."""
+    """Token ids of the init text, repeated to fill ``rows`` (section 3.2). A text longer than P is refused
+    rather than cut: the cut-off words would silently be missing from the prompt."""
     from transformers import AutoTokenizer
 
+    text, tokens = config.prompt_tuning_init_text, config.num_virtual_tokens
     tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **(config.tokenizer_kwargs or {}))
-    ids = tokenizer(config.prompt_tuning_init_text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ConfigError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} tokenises to nothing.")
+        raise ConfigError(f"prompt_tuning_init_text={text!r} tokenises to nothing; give a non-empty text.")
+    if len(ids) > tokens:
+        raise ConfigError(
+            f"prompt_tuning_init_text={text!r} is {len(ids)} tokens long but num_virtual_tokens={tokens}: "
+            f"set num_virtual_tokens to at least {len(ids)} or shorten the text to {tokens} tokens or fewer."
+        )
     return torch.tensor((ids * (rows // len(ids) + 1))[:rows])
 
 
