@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,36 +13,28 @@ DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] /
 VOCAB = 100
 
 
-def tiny_bert(num_labels: int = 3, seed: int = 0):
+def tiny_bert(num_labels: int = 3, seed: int = 0, **config_changes: Any):
+    """A 2-layer BERT classifier, hidden 32; ``config_changes`` override BertConfig fields (vocab_size, dropout)."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
+    sizes = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=num_labels,
-        max_position_embeddings=64,
+        **{"vocab_size": VOCAB, **sizes, "num_labels": num_labels, "max_position_embeddings": 64, **config_changes}
     )
     return BertForSequenceClassification(config).eval()
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **config_changes: Any):
     """Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    sizes = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
+        **{"vocab_size": VOCAB, **sizes, "max_position_embeddings": 64, "pad_token_id": 0, **config_changes}
     )
     return LlamaForCausalLM(config).eval()
 

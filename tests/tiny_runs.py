@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-import torch
+from models import tiny_bert, tiny_llama
 
 WORDS = [
     *("the", "a", "movie", "film", "plot", "actor", "was", "is", "very", "really", "quite", "good", "great"),
@@ -30,45 +30,24 @@ def tokenizer(folder: Path):
 
 def bert_folder(folder: Path, seed: int = 0, dropout: float = 0.0) -> Path:
     """A 2-layer BERT (hidden 32) saved with its tokenizer; dropout 0 keeps runs comparable across processes."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     tok = tokenizer(folder)
-    torch.manual_seed(seed)
-    config = BertConfig(
+    model = tiny_bert(
+        num_labels=3,
+        seed=seed,
         vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         initializer_range=0.2,  # distinct random features, so a few LoRA steps can separate the classes
-        num_labels=3,
     )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
 def llama_folder(folder: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = tokenizer(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=tok.sep_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = tiny_llama(seed, vocab_size=len(tok), eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
