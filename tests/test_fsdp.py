@@ -1,12 +1,17 @@
 """FSDP2 (src/peftkit/train/fsdp.py) on CPU: 2 processes with gloo shard a LoRA model per transformer block and
-follow one plain process on the same global batch; the gathered adapter saves and reloads like an unsharded one."""
+follow one plain process on the same global batch; the gathered adapter saves and reloads like an unsharded one;
+`peftkit train --fsdp` under torchrun matches a one-process run."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import tiny_runs as T
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +20,7 @@ from safetensors.torch import load_file
 import models as M
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.errors import ConfigError
+from peftkit.train import TrainConfig, Trainer, train
 
 WORLD, ROWS, LENGTH, STEPS, LR, CLIP = 2, 8, 12, 4, 5e-2, 0.2
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
@@ -82,8 +88,14 @@ def _worker(rank: int, store: str, out: Path) -> None:
         # Loading whole tensors into the shards: back to the initial adapter gives the untrained model's outputs.
         fsdp.load_adapter_tensors(pm.adapter_state_dict("default"), initial)
         reloaded = logits(pm)  # a sharded forward: both ranks run it
+        try:  # LoRA's bias="all" keeps references to base biases, which sharding replaces
+            fsdp.shard(get_peft_model(M.tiny_bert(), LoraConfig(**LORA, bias="all")))
+            refused = ""
+        except ConfigError as err:
+            refused = str(err)
         if rank == 0:
             result = {"losses": losses, "norms": norms, "trained": trained, "reloaded_logits": reloaded}
+            result["refused"] = refused
             torch.save({**result, "local_shape": tuple(local.to_local().shape)}, out / "result.pt")
     finally:
         dist.destroy_process_group()
@@ -141,8 +153,55 @@ def test_rank_zero_saves_the_full_adapter_that_reloads(sharded, reference):
     torch.testing.assert_close(got["reloaded_logits"], before, atol=1e-5, rtol=1e-5)
 
 
-def test_shard_needs_a_process_group():
-    with pytest.raises(ConfigError, match="torchrun"):
-        from peftkit.train import fsdp
+def test_adapters_holding_base_parameters_are_refused(sharded):
+    assert "'default'" in sharded[1]["refused"] and "without FSDP" in sharded[1]["refused"]
 
-        fsdp.shard(make_model())
+
+# ---- peftkit train --fsdp -------------------------------------------------------------------------------------------
+RUN = {"method": "lora", "method_args": {"r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}}
+BUDGET = {"max_steps": 6, "lr": 3e-2, "eval_steps": 2, "threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fsdp_train")
+    return {"bert": T.bert_folder(root / "bert"), "csv": T.write_csv(root / "sentiment.csv", T.sentiment_rows(240))}
+
+
+def test_train_with_fsdp_matches_one_process(files, tmp_path):
+    """torchrun, 2 processes x 4 rows, sharded, equals one unsharded process x 8 rows: losses, every evaluation and
+    the adapter written. The best evaluation is step 4 of 6, so the best adapter is saved from the shards, read back
+    into them at the end and written again as the final adapter."""
+    (tmp_path / "run.yaml").write_text(json.dumps(RUN))  # method settings in YAML: see test_train's DDP test
+    args = ["--config", str(tmp_path / "run.yaml"), "--model", str(files["bert"]), "--data", str(files["csv"]),
+            "--max-steps", "6", "--lr", "3e-2", "--eval-steps", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftkit.cli.main"]
+    done = subprocess.run(
+        [*command, "train", *args, "--fsdp", "--batch-size", "4", "--output-dir", str(tmp_path / "fsdp")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = train(TrainConfig(model=str(files["bert"]), data=str(files["csv"]), batch_size=8,
+                               output_dir=str(tmp_path / "one"), **RUN, **BUDGET))  # fmt: skip
+    multi = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
+    assert single.best_step == multi["best_step"] == 4
+    assert multi["history"]["train_loss"] == pytest.approx(single.history["train_loss"], abs=1e-5)
+    assert [e["accuracy"] for e in multi["history"]["eval"]] == [e["accuracy"] for e in single.history["eval"]]
+    assert multi["trainable_params"] == single.trainable_params  # counted over the shards, not one shard
+    saved = load_file(tmp_path / "fsdp" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert set(saved) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(saved[key], expected[key], atol=1e-5, rtol=0, msg=key)
+    assert TrainConfig.from_yaml(tmp_path / "fsdp" / "train_config.yaml").fsdp
+
+
+def test_fsdp_refusals_name_the_fix(files, tmp_path, monkeypatch):
+    settings = {"model": str(files["bert"]), "data": str(files["csv"]), "output_dir": str(tmp_path), **RUN, **BUDGET}
+    with pytest.raises(ConfigError, match="torchrun"):  # one process without a process group
+        Trainer(TrainConfig(**settings, fsdp=True))
+    with pytest.raises(ConfigError, match="drop --save-steps"):
+        Trainer(TrainConfig(**settings, fsdp=True, save_steps=2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="pass --fsdp"):
+        Trainer(TrainConfig(**settings))

@@ -63,6 +63,9 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast where the device supports it."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: CPU cores / processes)."})
+    fsdp: bool = field(
+        default=False, metadata={"help": "Shard the model over the processes with FSDP2 (one unit per block)."}
+    )
     # ---- evaluation, checkpoints, output ------------------------------------------------------------------
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: at the end)."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate once before training."})

@@ -40,7 +40,10 @@ def shard(model: PeftModel, blocks: Iterable[str] | None = None, **fsdp_kwargs) 
     :func:`block_classes`), then the root. ``fsdp_kwargs`` go to ``fully_shard`` (``mesh``, ``mp_policy``, ...).
     Call on every process after ``torch.distributed.init_process_group`` and before building the optimizer."""
     if not dist.is_available() or not dist.is_initialized():
-        raise ConfigError("FSDP needs torch.distributed: launch with torchrun (or accelerate launch) on 1+ processes.")
+        raise ConfigError(
+            "FSDP needs torch.distributed: launch with torchrun --nproc_per_node N (or accelerate launch) so that "
+            "a process group exists."
+        )
     names = set(blocks) if blocks is not None else block_classes(model)
     if not names:
         raise ConfigError(

@@ -158,6 +158,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         from accelerate import Accelerator
 
+        _check_fsdp_settings(config)
         self.config = config
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.acc.is_main_process
@@ -176,6 +177,10 @@ class Trainer:
         if config.gradient_checkpointing:
             self._checkpoint_activations(base)
         self.pm.to(self.acc.device)
+        if config.fsdp:  # before the optimizer: sharding replaces the parameters
+            from peftkit.train import fsdp
+
+            fsdp.shard(self.pm)
         self.params = [p for p in self.pm.parameters() if p.requires_grad]
         self.method = get_method(method_config.peft_type)
         self.lr = config.lr or self.method.learning_rate
@@ -188,7 +193,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup, self.total_steps, config.schedule)
         )
-        self.model = self.acc.prepare_model(self.pm)
+        self.model = self.pm if config.fsdp else self.acc.prepare_model(self.pm)
         self.metric = config.metric_for_best or ("accuracy" if self.task == "classification" else "loss")
         if self.metric not in HIGHER_IS_BETTER:
             raise ConfigError(
@@ -292,8 +297,7 @@ class Trainer:
         better = final or best is None or (value > best if HIGHER_IS_BETTER[self.metric] else value < best)
         if better:
             self.state.update(best=value, best_step=self.state["step"], bad=0)
-            if self.main:
-                self.pm.save_pretrained(self.out / "best")
+            self._save_adapter(self.out / "best")
         else:
             self.state["bad"] += 1
         patience = self.config.early_stopping_patience
@@ -368,7 +372,8 @@ class Trainer:
         for k, index in enumerate(micro):
             batch = self._batch(self.train_set, index)
             sync = k == len(micro) - 1
-            with self._autocast(), nullcontext() if sync else self.acc.no_sync(self.model):
+            skip_sync = not sync and not self.config.fsdp  # FSDP reduce-scatters every micro-batch's gradients
+            with self._autocast(), self.acc.no_sync(self.model) if skip_sync else nullcontext():
                 loss = self.model(**batch).loss + self.pm.auxiliary_loss()
                 (loss / len(micro)).backward()
             total += loss.detach().float() / len(micro)
@@ -455,8 +460,8 @@ class Trainer:
         result.best_step = self.state["best_step"]
         result.steps = self.state["step"]
         result.history = self.history
+        self._save_adapter(self.out)
         if self.main:
-            self.pm.save_pretrained(self.out)
             (self.out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
             from peftkit.train.plot import plot_curves
 
@@ -467,10 +472,25 @@ class Trainer:
         self.acc.wait_for_everyone()
         return result
 
+    def _save_adapter(self, folder: Path) -> None:
+        """Rank 0 writes the adapter; under FSDP every process first gathers its shards (a collective call)."""
+        if self.config.fsdp:
+            from peftkit.train import fsdp
+
+            fsdp.save_pretrained(self.pm, folder)
+        elif self.main:
+            self.pm.save_pretrained(folder)
+
     def load_adapter_weights(self, folder: Path) -> None:
         tensors = io.from_file_keys(io.load_tensors(folder))
+        params = self.pm.adapter_state_dict(self.pm.active_adapter)
+        if self.config.fsdp:  # each process keeps its shard of the saved tensors
+            from peftkit.train import fsdp
+
+            fsdp.load_adapter_tensors(params, tensors)
+            return
         with torch.no_grad():
-            for key, param in self.pm.adapter_state_dict(self.pm.active_adapter).items():
+            for key, param in params.items():
                 param.copy_(tensors[key])
 
     def _result(self) -> TrainResult:
@@ -496,6 +516,19 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.main:
             tqdm.write(text)
+
+
+def _check_fsdp_settings(config: TrainConfig) -> None:
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError(
+            "accelerate launch --use_fsdp: peftkit shards the model itself (FSDP2, one unit per transformer block); "
+            "launch without --use_fsdp and pass --fsdp to peftkit train."
+        )
+    if config.fsdp and config.save_steps:
+        raise ConfigError(
+            f"--fsdp with --save-steps {config.save_steps}: resumable checkpoints (optimizer state) are not written "
+            "under FSDP; drop --save-steps (the best and final adapters are still saved)."
+        )
 
 
 def _fmt(metrics: dict[str, float]) -> str:
