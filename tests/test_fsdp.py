@@ -104,7 +104,8 @@ def _worker(rank: int, store: str, out: Path) -> None:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(str(out / "store"), out), nprocs=WORLD, join=True)
+    # fork: the children inherit the imports (spawn re-imports torch and transformers: ~10 s more).
+    mp.start_processes(_worker, args=(str(out / "store"), out), nprocs=WORLD, join=True, start_method="fork")
     return out, torch.load(out / "result.pt", weights_only=True)
 
 
