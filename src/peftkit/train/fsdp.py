@@ -41,8 +41,8 @@ def shard(model: PeftModel, blocks: Iterable[str] | None = None, **fsdp_kwargs) 
     Call on every process after ``torch.distributed.init_process_group`` and before building the optimizer."""
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError(
-            "FSDP needs torch.distributed: launch with torchrun --nproc_per_node N (or accelerate launch) so that "
-            "a process group exists."
+            "FSDP needs torch.distributed: launch with torchrun --nproc_per_node N (or accelerate launch on GPUs; "
+            "on a CPU-only machine it starts a single process) so that a process group exists."
         )
     names = set(blocks) if blocks is not None else block_classes(model)
     if not names:
