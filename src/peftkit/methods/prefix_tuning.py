@@ -387,4 +387,5 @@ METHOD = Method(
     can_merge=False,
     merge_hint="a prefix adds key/value vectors to every attention layer, there is no weight to fold it into.",
     prepare_inputs=prepare_inputs,
+    learning_rate=3e-2,
 )

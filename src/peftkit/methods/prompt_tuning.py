@@ -341,4 +341,5 @@ METHOD = Method(
     can_merge=False,
     merge_hint="a soft prompt adds input vectors, there is no weight to fold it into.",
     prepare_inputs=prepare_inputs,
+    learning_rate=3e-2,
 )
