@@ -260,15 +260,19 @@ def test_predict_and_generate(files, tmp_path, capsys):
 
 # ---- compare --------------------------------------------------------------------------------------------
 def test_compare_writes_table_and_plot(files, tmp_path, capsys):
+    """Each method in its own process (the default); a run that fails there gets a row with the child's error."""
     specs = ["lora", "lora:r=2", "lora:r=8,lora_alpha=16", "lora:target_modules=[query,key,value]"]
+    failing = "freeze:trainable_layers=5"  # the tiny BERT has 2 blocks
     args = ["compare", "--model", files["bert"], "--data", files["csv"], "--output-dir", tmp_path, "--max-steps", "3",
             "--no-progress", "--threads", "1", "--no-eval-before"]  # fmt: skip
-    for spec in specs:
+    for spec in [*specs, failing]:
         args += ["--method", spec]
     run(capsys, *args)
     with open(tmp_path / "comparison.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["method"] for r in rows] == specs
+    assert [r["method"] for r in rows] == [*specs, failing]
+    assert "trainable_layers=5 but" in rows.pop()["error"] and not any(r["error"] for r in rows)
+    assert all(float(r["peak_mb"]) > 0 and float(r["train_s"]) > 0 for r in rows)
     head = 3 * 32 + 3  # the classifier (modules_to_save)
     lora = {  # layers x modules x r x (in + out)
         "lora": 2 * 2 * 8 * 64,
@@ -279,7 +283,7 @@ def test_compare_writes_table_and_plot(files, tmp_path, capsys):
     assert {r["method"]: int(r["trainable_params"]) for r in rows} == {k: v + head for k, v in lora.items()}
     assert all(0 <= float(r["after"]) <= 1 and float(r["ckpt_kb"]) > 0 for r in rows)
     table = (tmp_path / "comparison.md").read_text()
-    assert table.startswith("| method | trainable params |") and table.count("\n") == 2 + len(specs)
+    assert table.startswith("| method | trainable params |") and table.count("\n") == 3 + len(specs)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "'bogus' is not a setting of lora" in fail(capsys, "compare", "--method", "lora:bogus=1")
 
@@ -288,7 +292,7 @@ def test_compare_runs_every_registered_method_with_its_defaults(files, tmp_path,
     from peftkit.core.registry import get_method, method_names
 
     run(capsys, "compare", "--model", files["bert"], "--data", files["csv"], "--output-dir", tmp_path,
-        "--max-steps", "2", "--no-progress", "--threads", "1", "--no-eval-before")  # fmt: skip
+        "--max-steps", "2", "--no-progress", "--threads", "1", "--no-eval-before", "--no-isolate")  # fmt: skip
     with open(tmp_path / "comparison.csv") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh)}
     names = [get_method(n).name for n in method_names()]

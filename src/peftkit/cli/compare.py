@@ -1,14 +1,20 @@
 """`peftkit compare`: several methods on the same model, data and budget -> Markdown + CSV table and a plot.
 
 Each method trains with the same TrainConfig (only the method and its settings change) in its own
-sub-folder of --output-dir. A method that fails gets a row with its error; the others still run.
+sub-folder of --output-dir, by default in a fresh Python process (`peftkit train --config`), so that its time and
+peak memory are its own: one process's allocator keeps what earlier runs freed. A method that fails gets a row with
+its error; the others still run.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -73,6 +79,9 @@ def compare(
     ),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML file of shared settings."),
     demo: bool = typer.Option(False, "--demo", help="Use the demo's model, data and budget (no arguments = --demo)."),
+    isolate: bool = typer.Option(
+        True, "--isolate/--no-isolate", help="Train each method in its own process (own time and peak memory)."
+    ),
     **values: Any,
 ) -> None:
     """Train each method on the same model, data and budget; write comparison.md, .csv and .png.
@@ -82,7 +91,7 @@ def compare(
     base = build_train_config(values, config, demo, extra={"method_args": {}})
     out = Path(base.output_dir)
     specs = list(methods or [n.lower() for n in method_names()])
-    rows = [_run_one(spec, base, out) for spec in specs]
+    rows = [_run_one(spec, base, out, isolate) for spec in specs]
     metric = "accuracy" if any(r.get("metric") == "accuracy" for r in rows) else "perplexity"
     write_tables(rows, out)
     from peftkit.train.plot import plot_comparison
@@ -92,31 +101,58 @@ def compare(
     typer.echo(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
 
 
-def _run_one(spec: str, base: Any, out: Path) -> dict[str, Any]:
-    from peftkit.train.trainer import train
-
+def _run_one(spec: str, base: Any, out: Path, isolate: bool) -> dict[str, Any]:
     method, args = parse_spec(spec)
     folder = out / re.sub(r"[^\w.=-]+", "_", spec)
     settings = base.replace(method=method, method_args=args, output_dir=str(folder))
-    started = time.perf_counter()
     try:
-        result = train(settings)
+        result = _train_isolated(settings, folder) if isolate else _train_here(settings)
     except PeftkitError as err:
         typer.echo(f"{spec}: failed: {err}", err=True)
         return {"method": spec, "error": " ".join(line.strip(" -") for line in str(err).splitlines())}
-    metric = "accuracy" if result.task == "classification" else "perplexity"
+    metric = "accuracy" if result["task"] == "classification" else "perplexity"
     return {
         "method": spec,
-        "trainable_params": result.trainable_params,
-        "trainable_pct": 100 * result.trainable_params / max(1, result.total_params - result.trainable_params),
-        "lr": result.lr,
+        "trainable_params": result["trainable_params"],
+        "trainable_pct": 100 * result["trainable_params"] / max(1, result["total_params"] - result["trainable_params"]),
+        "lr": result["lr"],
         "metric": metric,
-        "before": result.before.get(metric),
-        "after": result.after.get(metric),
-        "train_s": result.train_seconds or time.perf_counter() - started,
-        "peak_mb": result.peak_memory_mb,
+        "before": result["before"].get(metric),
+        "after": result["after"].get(metric),
+        "train_s": result["train_seconds"],
+        "peak_mb": result["peak_memory_mb"],
         "ckpt_kb": (folder / io.WEIGHTS_NAME).stat().st_size / 1024,
     }
+
+
+def _train_here(settings: Any) -> dict[str, Any]:
+    from peftkit.train.trainer import train
+
+    return train(settings).to_dict()
+
+
+def _train_isolated(settings: Any, folder: Path) -> dict[str, Any]:
+    """`peftkit train --config` in a fresh process; its metrics.json, or its error as a ConfigError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "compare_run.yaml"
+    settings.save_yaml(config)
+    (folder / "metrics.json").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "peftkit.cli.main", "train", "--config", str(config)]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(child.stderr.fileno(), 4096):  # the run's progress bars and messages, as they come
+        typer.echo(chunk.decode(errors="replace"), err=True, nl=False)
+        tail = (tail + chunk)[-4096:]
+    child.stderr.close()
+    if child.wait() != 0 or not (folder / "metrics.json").is_file():
+        lines = [
+            line.strip() for line in tail.decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()
+        ]
+        raise ConfigError(f"exit code {child.returncode}: {lines[-1] if lines else 'no message'}")
+    result = json.loads((folder / "metrics.json").read_text())
+    result["train_seconds"] = result["train_seconds"] or time.perf_counter() - started
+    return result
 
 
 def _cell(value: Any) -> str:
