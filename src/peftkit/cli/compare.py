@@ -139,7 +139,7 @@ def _train_isolated(settings: Any, folder: Path) -> dict[str, Any]:
     (folder / "metrics.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "peftkit.cli.main", "train", "--config", str(config)]
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(command, stderr=subprocess.PIPE)  # its stdout (the dev metrics) passes through
     tail = b""
     while chunk := os.read(child.stderr.fileno(), 4096):  # the run's progress bars and messages, as they come
         typer.echo(chunk.decode(errors="replace"), err=True, nl=False)
