@@ -284,7 +284,14 @@ def test_compare_writes_table_and_plot(files, tmp_path, capsys):
     assert all(0 <= float(r["after"]) <= 1 and float(r["ckpt_kb"]) > 0 for r in rows)
     table = (tmp_path / "comparison.md").read_text()
     assert table.startswith("| method | trainable params |") and table.count("\n") == 3 + len(specs)
-    assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "comparison.png")[..., :3]  # a point per method: coloured pixels
+    assert int(((pixels.max(-1) - pixels.min(-1)) > 0.3).sum()) >= 20 * len(specs)
+    from peftkit.train.plot import plot_comparison
+
+    drawn = plot_comparison(rows, tmp_path / "again.png", "accuracy")
+    assert drawn == [(r["method"], int(r["trainable_params"]), float(r["after"])) for r in rows]
     assert "'bogus' is not a setting of lora" in fail(capsys, "compare", "--method", "lora:bogus=1")
 
 

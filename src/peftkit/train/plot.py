@@ -38,21 +38,15 @@ def plot_curves(history: dict[str, list], path: str | Path, metric: str) -> None
     plt.close(fig)
 
 
-def plot_comparison(rows: list[dict], path: str | Path, metric: str) -> None:
-    """Dev metric against trainable parameters (log scale), one labelled point per method."""
+def plot_comparison(rows: list[dict], path: str | Path, metric: str) -> list[tuple[str, int, float]]:
+    """Dev metric after training (``row["after"]``) against trainable parameters (log scale), one labelled point
+    per method; returns the points drawn as (method, trainable parameters, metric)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        if row.get(metric) is None:
-            continue
-        ax.scatter(max(row["trainable_params"], 1), row[metric])
-        ax.annotate(
-            row["method"],
-            (max(row["trainable_params"], 1), row[metric]),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
+    points = [(r["method"], max(int(r["trainable_params"]), 1), float(r["after"])) for r in rows if r.get("after")]
+    for method, x, y in points:
+        ax.scatter(x, y)
+        ax.annotate(method, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"dev {metric}")
@@ -60,3 +54,4 @@ def plot_comparison(rows: list[dict], path: str | Path, metric: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return points
