@@ -2,6 +2,10 @@
 
     python benchmarks/sst2_bottleneck.py                         # all three, 2,000 training rows, one epoch
     python benchmarks/sst2_bottleneck.py --methods pfeiffer --rows 4000
+    python benchmarks/sst2_bottleneck.py --methods houlsby --lr 1e-2 --seeds 0 1 2   # seed spread, mean
+    python benchmarks/sst2_bottleneck.py --methods compacter --lr 3e-2 --set reduction_factor=8
+
+Measured results (learning-rate sweep, seeds, variants) are in docs/bottleneck.md, "Short SST-2 runs".
 
 The budget of the other methods' SST-2 runs (benchmarks/sst2_ia3_bitfit.py): the first ``--rows`` training rows,
 one epoch, batch 32, max length 64, AdamW with warmup and linear decay; accuracy on the 872 dev sentences. Reads
@@ -14,6 +18,8 @@ import argparse
 import os
 import time
 from pathlib import Path
+
+import yaml
 
 from peftkit.train.config import TrainConfig
 from peftkit.train.trainer import train
@@ -31,6 +37,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: per method)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the mean is printed")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra adapter settings, e.g. phm_rank=2"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/sst2_bottleneck")
     args = parser.parse_args()
@@ -38,19 +49,25 @@ def main() -> None:
         raise SystemExit(f"SST-2 not found at {DATA}; set PEFTKIT_DATA to the folder that holds sst2/.")
     for name in args.methods:
         method, method_args, lr = RUNS[name]
+        method_args = {**method_args, **{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}}
         lr = args.lr or lr
-        start = time.time()
-        config = TrainConfig(
-            model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
-            max_train_rows=args.rows, epochs=1, batch_size=32, max_length=64, lr=lr, threads=args.threads,
-            eval_before=False, progress=False,
-        )  # fmt: skip
-        result = train(config)
-        print(
-            f"{name:<10} trainable {result.trainable_params:>8,d}  dev accuracy {result.after['accuracy']:.4f}  "
-            f"({result.steps} steps, {time.time() - start:.0f} s)",
-            flush=True,
-        )
+        scores = []
+        for seed in args.seeds:
+            start = time.time()
+            config = TrainConfig(
+                model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
+                max_train_rows=args.rows, epochs=1, batch_size=args.batch, max_length=64, lr=lr, threads=args.threads,
+                seed=seed, eval_before=False, progress=False,
+            )  # fmt: skip
+            result = train(config)
+            scores.append(result.after["accuracy"])
+            print(
+                f"{name:<10} lr {lr:.0e}  seed {seed}  trainable {result.trainable_params:>8,d}  "
+                f"dev accuracy {scores[-1]:.4f}  ({result.steps} steps, {time.time() - start:.0f} s)",
+                flush=True,
+            )
+        if len(scores) > 1:
+            print(f"{name:<10} lr {lr:.0e}  mean over seeds {args.seeds}: {sum(scores) / len(scores):.4f}", flush=True)
 
 
 if __name__ == "__main__":
