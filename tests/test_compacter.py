@@ -36,6 +36,23 @@ def test_phm_weight_is_a_sum_of_kronecker_products_of_rule_and_low_rank_fast_mat
     torch.testing.assert_close(phm(x, rule), x @ expected + phm.bias, atol=1e-6, rtol=0)
 
 
+def test_inference_reuses_the_weight_until_a_factor_changes():
+    torch.manual_seed(0)
+    rule, phm = PHMRule(2).phm_rule, PHMLinear(4, 6, 2, 1)
+    with torch.no_grad():
+        first = phm.weight(rule)
+        assert phm.weight(rule) is first  # built once
+        for factor in (phm.phm_t, phm.phm_s, rule):  # an optimizer step or a load writes in place
+            factor.add_(0.5)
+            again = phm.weight(rule)
+            assert again is not first
+            expected = sum(torch.kron(rule[i], phm.phm_s[i] @ phm.phm_t[i]) for i in range(2))
+            torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)
+            first = again
+    with_grad = phm.weight(rule)  # training: a fresh graph every call
+    assert with_grad.requires_grad and with_grad is not phm.weight(rule)
+
+
 def test_compacter_layer_output_against_the_equation():
     pm = get_peft_model(build("bert"), CompacterConfig(preset="compacter++", bottleneck_size=8))
     perturb(pm, "default")

@@ -61,10 +61,17 @@ class PHMLinear(nn.Module):
         self.phm_s = nn.Parameter(torch.randn(n, d_in // n, rank) * std)
         self.phm_t = nn.Parameter(torch.randn(n, rank, d_out // n) * std)
         self.bias = nn.Parameter(torch.zeros(d_out))
+        self._cached: tuple[tuple, torch.Tensor] | None = None  # (factor versions, W) for inference
 
     def weight(self, rule: torch.Tensor) -> torch.Tensor:
-        fast = self.phm_s @ self.phm_t  # (n, d_in / n, d_out / n)
-        return kron_sum(rule, fast)  # (d_in, d_out)
+        """W = sum_i A_i ⊗ s_i t_i, (d_in, d_out). Without autograd (inference) it is built once and reused until
+        a factor changes: every in-place write (an optimizer step, a load) bumps the tensor's version."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return kron_sum(rule, self.phm_s @ self.phm_t)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (rule, self.phm_s, self.phm_t))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, kron_sum(rule, self.phm_s @ self.phm_t))
+        return self._cached[1]
 
     def forward(self, x: torch.Tensor, rule: torch.Tensor) -> torch.Tensor:
         return x @ self.weight(rule) + self.bias  # (..., d_out)
