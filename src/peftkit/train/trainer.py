@@ -341,13 +341,7 @@ class Trainer:
                 f"--resume: settings differ from the checkpoint's run in {choices(changed)}; resume with the same "
                 f"settings (they are in {self.out / 'train_config.yaml'})."
             )
-        tensors = io.from_file_keys(io.load_tensors(folder))
-        params = self.pm.adapter_state_dict(self.pm.active_adapter)
-        if set(tensors) != set(params):
-            raise CheckpointError(f"--resume: {folder} holds another adapter than this run builds.")
-        with torch.no_grad():
-            for key, param in params.items():
-                param.copy_(tensors[key])
+        self.load_adapter_weights(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state, self.history = saved["state"], saved["history"]
@@ -482,8 +476,11 @@ class Trainer:
             self.pm.save_pretrained(folder)
 
     def load_adapter_weights(self, folder: Path) -> None:
+        """Copy the adapter saved in ``folder`` (a checkpoint, the best one) into this run's parameters."""
         tensors = io.from_file_keys(io.load_tensors(folder))
         params = self.pm.adapter_state_dict(self.pm.active_adapter)
+        if set(tensors) != set(params):
+            raise CheckpointError(f"{folder} holds another adapter than this run builds (another method or settings).")
         if self.config.fsdp:  # each process keeps its shard of the saved tensors
             from peftkit.train import fsdp
 
