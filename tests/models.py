@@ -63,6 +63,18 @@ def tiny_t5(seed: int = 0):
     return T5ForConditionalGeneration(config).eval()
 
 
+def tiny_unet():
+    """A two-block Stable Diffusion UNet with cross-attention, for LoRA / freezing targeting tests."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
+    ).eval()  # fmt: skip
+
+
 BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}
 
 

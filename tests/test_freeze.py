@@ -9,23 +9,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from models import batch, build, clone, output, perturb
+from models import batch, build, clone, output, perturb, tiny_unet
 from peftkit import BASE, LayerFreezeConfig, LoraConfig, PeftModel, get_peft_model
 from peftkit.errors import ConfigError, RoutingError, TargetNotFoundError
 from peftkit.methods.freeze import FreezeLayer, find_block_lists, logical
 
 TOL = 1e-5
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    ).eval()  # fmt: skip
 
 
 def deltas(pm, name: str = "default") -> dict[str, dict[str, torch.Tensor]]:

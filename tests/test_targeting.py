@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_unet
 from peftkit import LoraConfig, get_peft_model
 from peftkit.core.layer import ModulesToSave
 from peftkit.errors import ConfigError, TargetNotFoundError
@@ -143,17 +143,6 @@ def tiny_clip_text():
     config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                             num_attention_heads=2)  # fmt: skip
     return CLIPTextModel(config).eval()
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4,
-    ).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize(
