@@ -55,8 +55,6 @@ def main() -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if job == "demo":
         cmd = [str(py), "-m", "peftkit.cli.main", "train", *extra]
-        if not (ROOT / "src/peftkit/cli/main.py").exists():
-            cmd = [str(py), str(ROOT / "examples/quickstart.py"), *extra]
     elif job == "test":
         cmd = [str(py), "-m", "pytest", *extra]
     elif job == "setup":
