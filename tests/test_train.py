@@ -14,6 +14,7 @@ import tiny_runs as T
 import torch
 
 from peftkit import PeftModel
+from peftkit.core import io
 from peftkit.core.model import PeftModel as CorePeftModel
 from peftkit.errors import ConfigError
 from peftkit.train import TrainConfig, Trainer, train
@@ -126,8 +127,9 @@ def test_auxiliary_loss_is_added(files, tmp_path, monkeypatch):
 
 
 def test_method_defaults_rate_groups_and_last_stage(files, tmp_path):
-    """Without lr a method trains at its own rate; diff pruning's gates get their own group; its last stage
-    (finalize to the target density) runs before the final evaluation, and that adapter is what is saved."""
+    """Without lr a method trains at its own rate; diff pruning's gates get their own group; its stage change
+    (finalize to the target density, after 3 of the 4 steps) comes before the final evaluation, and the finalized
+    adapter is what is saved."""
     from peftkit.core.registry import get_method
 
     diff = {"target_density": 0.05, "target_modules": ["query", "value"]}
@@ -145,6 +147,106 @@ def test_method_defaults_rate_groups_and_last_stage(files, tmp_path):
     saved = PeftModel.from_pretrained(base, tmp_path / "diff")
     kept = sum(p.numel() for n, p in saved.named_parameters() if ".diff_values." in n)
     assert saved.peft_config["default"].finalized and kept == round(0.05 * entries)
+
+
+DIFF = {"target_density": 0.05, "target_modules": ["query", "value"], "gate_lr": 0.1}
+
+
+def test_diff_pruning_second_stage_runs_part_way(files, tmp_path, monkeypatch):
+    """Diff pruning's after_training (finalize) runs once, after 6 of 8 steps (after_training_at 0.75); steps 7-8
+    train only the fixed support's values under a new optimizer, the lr schedule goes on where it was, and the
+    saved adapter is the finalized one at the target density."""
+    from peftkit.methods import diff_pruning
+
+    finalized_at_step, calls = [], []
+    original_step, original_finalize = Trainer._step, diff_pruning.finalize
+
+    def step(self, micro):
+        finalized_at_step.append(self.pm.peft_config["default"].finalized)
+        if len(finalized_at_step) == 7:  # the first step of stage 2: remember the support and its values
+            values = self.pm.adapter_state_dict("default")
+            snapshot.update({k: v.detach().clone() for k, v in values.items() if ".diff_" in k})
+        return original_step(self, micro)
+
+    snapshot: dict[str, torch.Tensor] = {}
+    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(diff_pruning, "finalize", lambda *a, **k: calls.append(1) or original_finalize(*a, **k))
+    lr = 1e-2
+    trainer = Trainer(config(files, tmp_path / "diff", method="diff", method_args=DIFF, lr=lr, max_steps=8,
+                             eval_steps=None, warmup_ratio=0.0))  # fmt: skip
+    optimizer = trainer.optimizer
+    result = trainer.train()
+    assert trainer.stage_step == 6 and finalized_at_step == [False] * 6 + [True] * 2 and len(calls) == 1
+    # The schedule continued without warmup: the linear decay 1 - s/8 at every step, across the change.
+    assert result.history["lr"] == pytest.approx([lr * (1 - s / 8) for s in range(1, 9)])
+    # A new optimizer over exactly what trains now: the support's values and the classifier, no gate.
+    assert trainer.optimizer is not optimizer
+    names = {id(p): n for n, p in trainer.pm.named_parameters()}
+    in_optimizer = [names[id(p)] for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert sorted(in_optimizer) == sorted(n for n, p in trainer.pm.named_parameters() if p.requires_grad)
+    assert not [n for n in names.values() if "log_alpha" in n or ".diff_w." in n]  # the gates are gone
+    assert {n.split(".")[-2] for n in in_optimizer if ".diff_" in n} == {"default"}  # diff_values.default.<tensor>
+    # Stage 2 kept the support (the indices) and trained its values.
+    final = {k: v for k, v in trainer.pm.adapter_state_dict("default").items() if ".diff_" in k}
+    assert set(final) == set(snapshot)
+    for key, value in final.items():
+        if ".diff_index." in key:
+            assert torch.equal(value, snapshot[key]), key
+    assert any(not torch.equal(v, snapshot[k]) for k, v in final.items() if ".diff_values." in k)
+    # The saved adapter: finalized, exactly round(0.05 * N) entries, and it reproduces the trained model.
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(files["bert"])
+    entries = sum(p.numel() for n, p in base.named_parameters() if ".query." in n or ".value." in n)
+    saved = PeftModel.from_pretrained(base, tmp_path / "diff").eval()
+    kept = sum(p.numel() for n, p in saved.named_parameters() if ".diff_values." in n)
+    assert saved.peft_config["default"].finalized and kept == round(0.05 * entries)
+    batch = trainer._batch(trainer.dev_set, list(range(8)))
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**batch).logits, trainer.pm.eval()(**batch).logits, atol=1e-6, rtol=0)
+
+
+def test_a_method_without_a_stage_keeps_its_optimizer(files, tmp_path):
+    trainer = Trainer(config(files, tmp_path / "lora", max_steps=4, eval_before=False))
+    optimizer = trainer.optimizer
+    trainer.train()
+    assert trainer.stage_step is None and trainer.optimizer is optimizer
+
+
+@pytest.mark.parametrize("crash_after", [7, 4], ids=["checkpoint-after-the-stage", "checkpoint-before-it"])
+def test_diff_pruning_resumes_across_its_second_stage(files, tmp_path, monkeypatch, crash_after):
+    """Checkpoints every 3 steps, the stage after step 6: a crash after 7 steps resumes from step 6 (finalized
+    adapter, stage-2 optimizer), one after 4 from step 3 (gated; the stage runs after resuming). Either way the
+    losses and the final adapter are those of the uninterrupted run (the gates sample with the RNG)."""
+    settings = dict(method="diff", method_args=DIFF, lr=1e-2, max_steps=8, save_steps=3, eval_steps=None)
+    full = train(config(files, tmp_path / "full", **settings))
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def crash(self, micro):
+        calls["n"] += 1
+        if calls["n"] > crash_after:
+            raise KeyboardInterrupt
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(files, tmp_path / "cut", **settings))
+    monkeypatch.setattr(Trainer, "_step", original)
+    resumed = train(config(files, tmp_path / "cut", **settings), resume=True)
+    assert resumed.history["train_loss"] == pytest.approx(full.history["train_loss"], abs=1e-6)
+    assert resumed.history["lr"] == pytest.approx(full.history["lr"])
+    assert resumed.after == pytest.approx(full.after)
+    a, b = (io.from_file_keys(io.load_tensors(tmp_path / run)) for run in ("full", "cut"))
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_fsdp_refuses_a_method_with_a_stage(files, tmp_path):
+    with pytest.raises(ConfigError, match=r"--fsdp with --method diff.*without --fsdp"):
+        Trainer(config(files, tmp_path / "fsdp", method="diff", method_args=DIFF, fsdp=True))
 
 
 def test_gradient_checkpointing_gives_the_same_losses(files, tmp_path):
@@ -262,6 +364,30 @@ def test_bad_settings_name_the_flag():
     assert all(f in str(err.value) for f in ("--batch-size", "--schedule 'step'", "'cosine'", "--warmup-ratio"))
     with pytest.raises(ConfigError, match="Valid keys"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match=r"--model-dropout 1\.0 must be in \[0, 1\)"):
+        TrainConfig(model_dropout=1.0)
+
+
+def test_model_dropout_turns_off_the_base_models_dropout_but_not_the_adapters(files, tmp_path):
+    lora = {**LORA_BERT, "lora_dropout": 0.2}
+    settings = dict(model=str(files["bert_dropout"]), method_args=lora, max_steps=2, eval_before=False)
+    own = Trainer(config(files, tmp_path / "own", **settings))
+    off = Trainer(config(files, tmp_path / "off", model_dropout=0.0, **settings))
+
+    def rates(trainer):
+        drops = [(n, m.p) for n, m in trainer.pm.named_modules() if isinstance(m, torch.nn.Dropout)]
+        return {p for n, p in drops if "lora_dropout" not in n}, {p for n, p in drops if "lora_dropout" in n}
+
+    assert rates(own) == ({0.1}, {0.2})
+    assert rates(off) == ({0.0}, {0.2})
+    batch = off.tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+    off.pm.train()
+    for module in off.pm.modules():  # the adapter's own dropout is the last source of randomness
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    torch.testing.assert_close(off.pm(**batch).logits, off.pm(**batch).logits, rtol=0, atol=0)
+    own.pm.train()
+    assert not torch.equal(own.pm(**batch).logits, own.pm(**batch).logits)  # attention dropout read from the module
 
 
 # ---- distributed -------------------------------------------------------------------------------------------------

@@ -45,8 +45,15 @@ class Method:
                    budgets (few parameters train at high rates, whole blocks at low ones).
     param_groups:  optional ``f(peft_model, lr, weight_decay) -> optimizer groups`` when some tensors train at
                    their own rate (diff pruning's gates); None: every trainable tensor at ``lr``.
-    after_training: optional ``f(peft_model)`` the training loop runs after its last step, before the final
-                   evaluation and save (diff pruning's finalize to its target density).
+    after_training: optional ``f(peft_model)`` the training loop runs once, after ``after_training_at`` of its
+                   steps (by default after the last one, before the final evaluation and save), e.g. diff pruning's
+                   finalize to its target density.
+    after_training_at: the share of the run's optimizer steps after which ``after_training`` runs: 1.0 (the
+                   default) after the last step; below 1 (diff pruning: 0.75) part-way, as a stage change: the loop
+                   then builds a new optimizer over what trains now (``param_groups`` again), continues the lr
+                   schedule where it was (no second warmup) and trains to the end. A resumable checkpoint written
+                   after the change restores the adapter from its own files (``load_adapter``), so the method's
+                   saved files must describe the changed adapter fully.
     functions:     extra operations ``{name: f(peft_model, *args, **kwargs)}`` that PeftModel exposes as
                    ``peft_model.<name>(...)`` while an adapter of this method is loaded (diff pruning's ``finalize``).
     """
@@ -65,6 +72,7 @@ class Method:
     learning_rate: float = 5e-4
     param_groups: Callable[..., list[dict[str, Any]]] | None = None
     after_training: Callable[[nn.Module], Any] | None = None
+    after_training_at: float = 1.0
     functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False, compare=False)
 
 

@@ -366,7 +366,8 @@ def finalize(peft_model: nn.Module, target_density: float | None = None, adapter
 
 
 def finish_training(peft_model: nn.Module) -> None:
-    """The training loop's last stage: finalize the active adapter to its target density, unless done already."""
+    """The training loop's stage change after 3/4 of the steps (METHOD.after_training_at): finalize the active
+    adapter to its target density, unless done already; the rest of the run trains the support's values only."""
     if not peft_model.peft_config[peft_model.active_adapter].finalized:
         finalize(peft_model)
 
@@ -424,5 +425,6 @@ METHOD = Method(
     learning_rate=1e-4,
     param_groups=param_groups,
     after_training=finish_training,
+    after_training_at=0.75,  # stage 2 (section 3.2): the last quarter of the steps trains the fixed support
     functions={"finalize": finalize},
 )

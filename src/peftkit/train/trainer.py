@@ -10,6 +10,11 @@ unwrapped model (no collective calls, identical decisions on every rank) and onl
 A checkpoint holds the adapter, the optimizer and scheduler state, every process's RNG state and the position
 in the data order (epoch, micro-batch), so ``resume=True`` continues with exactly the losses of an
 uninterrupted run.
+
+A method's ``after_training`` stage (Method.after_training) runs once: after the last step, or part-way at
+``Method.after_training_at`` of the steps (diff pruning's second stage: finalize, then train the fixed support).
+A mid-run stage change builds a new optimizer over what trains afterwards and continues the lr schedule at the
+same step; a checkpoint written after it reloads the changed adapter from its own files on resume.
 """
 
 from __future__ import annotations
@@ -138,6 +143,14 @@ class MemoryMonitor:
         return max(0, self.peak - self.start) / 2**20
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every ``nn.Dropout`` of ``model`` drops with probability ``p`` (attention dropout included: Hugging Face
+    models read it from the module). Short runs learn faster without it."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
 def lr_lambda(warmup: int, total: int, schedule: str):
     """Multiplier of the peak lr at step s: linear warmup, then linear or cosine decay to 0 (or constant)."""
 
@@ -170,7 +183,16 @@ class Trainer:
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self._prepare_data()
         method_config = build_method_config(config.method, config.method_args, TASK_TYPES[self.task], config.model)
+        self.method = get_method(method_config.peft_type)
+        if config.fsdp and self.method.after_training:
+            raise ConfigError(
+                f"--fsdp with --method {config.method}: its after-training stage changes the adapter's tensors, "
+                "which sharded parameters do not support; train it without --fsdp (one process, or DDP with "
+                "torchrun / accelerate launch)."
+            )
         base = model if model is not None else load_model(config.model, self.task, self.labels)
+        if config.model_dropout is not None:
+            set_dropout(base, config.model_dropout)
         if getattr(base.config, "pad_token_id", None) is None:
             base.config.pad_token_id = self.tokenizer.pad_token_id
         self.pm: PeftModel = get_peft_model(base, method_config)
@@ -181,25 +203,19 @@ class Trainer:
             from peftkit.train import fsdp
 
             fsdp.shard(self.pm)
-        self.params = [p for p in self.pm.parameters() if p.requires_grad]
-        self.method = get_method(method_config.peft_type)
         self.lr = config.lr or self.method.learning_rate
-        groups = (
-            self.method.param_groups(self.pm, self.lr, config.weight_decay) if self.method.param_groups else self.params
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=config.weight_decay)
         self.total_steps = self._total_steps()
-        warmup = int(config.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(warmup, self.total_steps, config.schedule)
-        )
-        self.model = self.pm if config.fsdp else self.acc.prepare_model(self.pm)
+        self.lr_factor = lr_lambda(int(config.warmup_ratio * self.total_steps), self.total_steps, config.schedule)
+        self.stage_step = self._stage_step()
+        self._build_optimizer(0)
+        self._wrap_model()
         self.metric = config.metric_for_best or ("accuracy" if self.task == "classification" else "loss")
         if self.metric not in HIGHER_IS_BETTER:
             raise ConfigError(
                 f"--metric-for-best {self.metric!r} is not a metric; use one of {choices(HIGHER_IS_BETTER)}."
             )
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad": 0}
+        self.state["after_training_done"] = False
         self.history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval": []}
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -248,6 +264,28 @@ class Trainer:
             return self.config.max_steps
         per_epoch = max(1, len(self._epoch(0)) // self.config.grad_accum)
         return max(1, math.ceil(self.config.epochs * per_epoch))
+
+    def _stage_step(self) -> int | None:
+        """The step after which the method's after_training runs part-way (None: after the last step)."""
+        if not self.method.after_training:
+            return None
+        step = math.floor(self.method.after_training_at * self.total_steps)
+        return step if 1 <= step < self.total_steps else None
+
+    def _build_optimizer(self, step: int) -> None:
+        """AdamW over the parameters that train now (the method's groups, if any), and the lr schedule positioned
+        after ``step`` optimizer steps: at a mid-run stage change the schedule continues, warmup is not repeated."""
+        self.params = [p for p in self.pm.parameters() if p.requires_grad]
+        decay = self.config.weight_decay
+        groups = self.method.param_groups(self.pm, self.lr, decay) if self.method.param_groups else self.params
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=decay)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]  # each group's peak rate, which the schedule scales
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor, last_epoch=step - 1)
+
+    def _wrap_model(self) -> None:
+        """The model the steps run (DDP over the current parameters; wrap again when the adapter's change)."""
+        self.model = self.pm if self.config.fsdp else self.acc.prepare_model(self.pm)
 
     def _batch(self, rows: list[dict], index: list[int]) -> dict[str, torch.Tensor]:
         batch = D.collate([rows[i] for i in index], self.tokenizer.pad_token_id)
@@ -325,6 +363,12 @@ class Trainer:
             "rng": rngs,
             "config": self.config.to_dict(),
         }
+        live = self.pm.adapter_state_dict(self.pm.active_adapter)
+        written = self.pm.adapter_state_dict(self.pm.active_adapter, for_file=True)
+        if {k: v.shape for k, v in live.items()} != {k: v.shape for k, v in written.items()}:
+            # The file holds another layout than training does (diff pruning's gated state is saved as a sparse
+            # delta): keep the live tensors too, so that resuming continues from them exactly.
+            state["adapter"] = {k: v.detach().clone() for k, v in live.items()}
         torch.save(state, tmp / STATE_NAME)
         shutil.rmtree(folder, ignore_errors=True)
         tmp.rename(folder)
@@ -341,13 +385,30 @@ class Trainer:
                 f"--resume: settings differ from the checkpoint's run in {choices(changed)}; resume with the same "
                 f"settings (they are in {self.out / 'train_config.yaml'})."
             )
-        self.load_adapter_weights(folder)
+        self._restore_adapter(folder, saved)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state, self.history = saved["state"], saved["history"]
+        self.state.setdefault("after_training_done", False)  # checkpoints written before the key existed
         rng = saved["rng"][self.acc.process_index]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_python_state(rng["python"]))
+
+    def _restore_adapter(self, folder: Path, saved: dict[str, Any]) -> None:
+        """The checkpoint's adapter into this run, before its optimizer state is loaded."""
+        if saved["state"].get("after_training_done"):
+            # The stage changed the adapter's tensors (e.g. a fixed sparse support): reload it from its files,
+            # then build the later stage's optimizer, into which the saved state goes.
+            name = self.pm.active_adapter
+            self.pm.delete_adapter(name)
+            self.pm.load_adapter(io.adapter_dir(folder, name), name, is_trainable=True)
+            self.pm.set_adapter(name)
+            self._build_optimizer(saved["state"]["step"])
+            self._wrap_model()
+        if "adapter" in saved:  # the live tensors, when the files hold another layout
+            self._copy_adapter(saved["adapter"], folder)
+        elif not saved["state"].get("after_training_done"):
+            self.load_adapter_weights(folder)
 
     def latest_checkpoint(self) -> Path:
         found = sorted((self.out / "checkpoints").glob("step-???????"))
@@ -430,6 +491,7 @@ class Trainer:
                 self.history["lr"].append(self.scheduler.get_last_lr()[0])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.history['lr'][-1]:.2e}")
+                self._change_stage(step)
                 if c.eval_steps and step % c.eval_steps == 0 and step < self.total_steps:
                     stop = self._record_eval(self.evaluate())
                 if c.save_steps and step % c.save_steps == 0:
@@ -438,11 +500,27 @@ class Trainer:
         result.train_seconds = time.perf_counter() - start
         result.peak_memory_mb = memory.megabytes
         if self.method.after_training:  # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
-            self.method.after_training(self.pm)
+            self._after_training()
             self._record_eval(self.evaluate(), final=True)
         elif not self.history["eval_step"] or self.history["eval_step"][-1] != self.state["step"]:
             self._record_eval(self.evaluate())
         return self._finish(result)
+
+    def _after_training(self) -> None:
+        """The method's after_training stage, once per run (a mid-run stage change already ran it)."""
+        if not self.state["after_training_done"]:
+            self.method.after_training(self.pm)
+            self.state["after_training_done"] = True
+
+    def _change_stage(self, step: int) -> None:
+        """At the stage step (Method.after_training_at): the method's after_training, then a new optimizer over what
+        trains now; the lr schedule continues at ``step``."""
+        if step != self.stage_step or self.state["after_training_done"]:
+            return
+        self._after_training()
+        self._build_optimizer(step)
+        self._wrap_model()
+        self._say(f"step {step}: {self.config.method}'s after-training stage ran; training continues")
 
     def _finish(self, result: TrainResult) -> TrainResult:
         self.acc.wait_for_everyone()
@@ -477,7 +555,10 @@ class Trainer:
 
     def load_adapter_weights(self, folder: Path) -> None:
         """Copy the adapter saved in ``folder`` (a checkpoint, the best one) into this run's parameters."""
-        tensors = io.from_file_keys(io.load_tensors(folder))
+        self._copy_adapter(io.from_file_keys(io.load_tensors(folder)), folder)
+
+    def _copy_adapter(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+        """Copy ``tensors`` (model-relative names, the live layout) into the active adapter's parameters."""
         params = self.pm.adapter_state_dict(self.pm.active_adapter)
         if set(tensors) != set(params):
             raise CheckpointError(f"{folder} holds another adapter than this run builds (another method or settings).")
