@@ -59,6 +59,10 @@ class TrainConfig:
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored with max_steps)."})
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to run (overrides epochs)."})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm (None: no clip)."})
+    model_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Set every dropout probability of the base model (0: none; default: the model's own)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, dropout and data order."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast where the device supports it."})
@@ -99,16 +103,22 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 out.append(f"--{flag(name)} {value!r} must be a positive integer or left unset.")
+        if not isinstance(self.method_args, dict):
+            out.append(f"method_args={self.method_args!r} must be a mapping such as {{r: 8}}.")
+        return out + self._range_problems()
+
+    def _range_problems(self) -> list[str]:
+        out = []
         if self.lr is not None and not self.lr > 0:
             out.append(f"--lr {self.lr!r} must be > 0 (typical for adapters: 1e-4 to 1e-2).")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"--warmup-ratio {self.warmup_ratio!r} must be in [0, 1).")
+        if self.model_dropout is not None and not 0 <= self.model_dropout < 1:
+            out.append(f"--model-dropout {self.model_dropout!r} must be in [0, 1) (0 turns dropout off).")
         if not 0 < self.dev_fraction < 1:
             out.append(f"--dev-fraction {self.dev_fraction!r} must be in (0, 1).")
         if self.max_steps is None and not self.epochs > 0:
             out.append(f"--epochs {self.epochs!r} must be > 0 (or set --max-steps).")
-        if not isinstance(self.method_args, dict):
-            out.append(f"method_args={self.method_args!r} must be a mapping such as {{r: 8}}.")
         return out
 
     # ---- dict / YAML ------------------------------------------------------------------------------------
