@@ -1,15 +1,19 @@
 """Short SST-2 runs of Houlsby, Pfeiffer and Compacter adapters on the real MiniLM, with peftkit's trainer.
 
     python benchmarks/sst2_bottleneck.py                         # all three, 2,000 training rows, one epoch
+    python benchmarks/sst2_bottleneck.py --methods houlsby --seeds 0 1 2                # seed spread, mean
     python benchmarks/sst2_bottleneck.py --methods pfeiffer --rows 4000
-    python benchmarks/sst2_bottleneck.py --methods houlsby --lr 1e-2 --seeds 0 1 2   # seed spread, mean
     python benchmarks/sst2_bottleneck.py --methods compacter --lr 3e-2 --set reduction_factor=8
+    python benchmarks/sst2_bottleneck.py --methods compacter --model-dropout 0 \\
+        --set "modules_to_save=[pooler,classifier]"
 
 Measured results (learning-rate sweep, seeds, variants) are in docs/bottleneck.md, "Short SST-2 runs".
 
 The budget of the other methods' SST-2 runs (benchmarks/sst2_ia3_bitfit.py): the first ``--rows`` training rows,
 one epoch, batch 32, max length 64, AdamW with warmup and linear decay; accuracy on the 872 dev sentences. Reads
-../shared/data/sst2 (or $PEFTKIT_DATA/sst2); writes each adapter under --out.
+../shared/data/sst2 (or $PEFTKIT_DATA/sst2); writes each adapter under --out. The Houlsby run trains a two-layer
+head (BERT's pooler and the classifier, as AdapterHub's default head), the others the classifier alone; ``--set
+"modules_to_save=[...]"`` chooses.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.trainer import train
 
 DATA = DATA_ROOT / "sst2"
+# AdapterHub's default classification head has two layers (dense + tanh + linear) and trains both; BERT's pooler
+# plus classifier is that head, so HEAD trains the pooler too (148 k parameters on MiniLM, d = 384).
+HEAD = {"modules_to_save": ["pooler", "classifier"]}
 RUNS = {  # name -> (method, method_args, default learning rate)
-    "houlsby": ("bottleneck", {"preset": "houlsby"}, 5e-3),
+    "houlsby": ("bottleneck", {"preset": "houlsby", **HEAD}, 5e-3),
     "pfeiffer": ("bottleneck", {"preset": "pfeiffer"}, 5e-3),
     "compacter": ("compacter", {"preset": "compacter"}, 1e-2),
 }
@@ -37,6 +44,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: per method)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (the budget: 1)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps warming the lr up")
+    parser.add_argument("--model-dropout", type=float, default=None, help="the base model's dropout (0: off)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the mean is printed")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra adapter settings, e.g. phm_rank=2"
@@ -55,8 +65,9 @@ def main() -> None:
             start = time.time()
             config = TrainConfig(
                 model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
-                max_train_rows=args.rows, epochs=1, batch_size=args.batch, max_length=64, lr=lr, threads=args.threads,
-                seed=seed, eval_before=False, progress=False,
+                max_train_rows=args.rows, epochs=args.epochs, batch_size=args.batch, max_length=64, lr=lr,
+                warmup_ratio=args.warmup_ratio, model_dropout=args.model_dropout, threads=args.threads, seed=seed,
+                eval_before=False, progress=False,
             )  # fmt: skip
             result = train(config)
             scores.append(result.after["accuracy"])
