@@ -234,11 +234,27 @@ def test_param_groups_give_gates_their_own_rate():
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == sum(1 for p in pm.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("stage2_lr", [0.2, None])
+def test_param_groups_after_finalize_use_the_stage_two_rate(stage2_lr):
+    """Stage 2: no gate is left; the support's values and the head train at stage2_lr (None: the task lr)."""
+    config = DiffPruningConfig(target_modules=["query"], stage2_lr=stage2_lr, task_type="SEQ_CLS")
+    pm = get_peft_model(build("bert"), config)
+    pm.finalize(0.1)
+    groups = param_groups(pm, lr=1e-3, weight_decay=0.01)
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(stage2_lr or 1e-3, 0.01)]
+    values = {id(p) for layer in layers(pm).values() for p in layer.diff_values["default"].values()}
+    trainable = {id(p) for p in pm.parameters() if p.requires_grad}
+    assert values < trainable and {id(p) for p in groups[0]["params"]} == trainable  # values + the head
+
+
 def test_bad_config_lists_every_problem():
     with pytest.raises(ConfigError) as err:
-        DiffPruningConfig(target_density=0, stretch_l=0.1, stretch_r=1.0, temperature=-1, gate_lr=-2, structured=1)
+        DiffPruningConfig(
+            target_density=0, stretch_l=0.1, stretch_r=1.0, temperature=-1, gate_lr=-2, stage2_lr=0, structured=1
+        )
     message = str(err.value)
-    for part in ("target_density=0", "stretch_l=0.1", "stretch_r=1.0", "temperature=-1", "gate_lr=-2", "structured=1"):
+    parts = ("target_density=0", "stretch_l=0.1", "stretch_r=1.0", "temperature=-1", "gate_lr=-2", "stage2_lr=0")
+    for part in (*parts, "structured=1"):
         assert part in message
 
 

@@ -149,13 +149,13 @@ def test_method_defaults_rate_groups_and_last_stage(files, tmp_path):
     assert saved.peft_config["default"].finalized and kept == round(0.05 * entries)
 
 
-DIFF = {"target_density": 0.05, "target_modules": ["query", "value"], "gate_lr": 0.1}
+DIFF = {"target_density": 0.05, "target_modules": ["query", "value"], "gate_lr": 0.1, "stage2_lr": 5e-2}
 
 
 def test_diff_pruning_second_stage_runs_part_way(files, tmp_path, monkeypatch):
     """Diff pruning's after_training (finalize) runs once, after 6 of 8 steps (after_training_at 0.75); steps 7-8
-    train only the fixed support's values under a new optimizer, the lr schedule goes on where it was, and the
-    saved adapter is the finalized one at the target density."""
+    train only the fixed support's values (and the head) under a new optimizer, the lr schedule goes on where it was,
+    and the saved adapter is the finalized one at the target density."""
     from peftkit.methods import diff_pruning
 
     finalized_at_step, calls = [], []
@@ -177,8 +177,10 @@ def test_diff_pruning_second_stage_runs_part_way(files, tmp_path, monkeypatch):
     optimizer = trainer.optimizer
     result = trainer.train()
     assert trainer.stage_step == 6 and finalized_at_step == [False] * 6 + [True] * 2 and len(calls) == 1
-    # The schedule continued without warmup: the linear decay 1 - s/8 at every step, across the change.
-    assert result.history["lr"] == pytest.approx([lr * (1 - s / 8) for s in range(1, 9)])
+    # The schedule continued without warmup: the linear decay 1 - s/8 at every step, across the change, of the
+    # task lr before it and of diff pruning's stage2_lr (from its param_groups) after it.
+    expected = [lr * (1 - s / 8) for s in range(1, 7)] + [5e-2 * (1 - s / 8) for s in (7, 8)]
+    assert result.history["lr"] == pytest.approx(expected)
     # A new optimizer over exactly what trains now: the support's values and the classifier, no gate.
     assert trainer.optimizer is not optimizer
     names = {id(p): n for n, p in trainer.pm.named_parameters()}

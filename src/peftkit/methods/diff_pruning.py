@@ -17,6 +17,8 @@ sums them, and peftkit's trainer adds that to the task loss.
 Second stage (section 3.2): ``finalize(peft_model, target_density)`` (also ``peft_model.finalize(...)``) projects
 d onto the L0 ball by global magnitude: it keeps exactly round(target_density * N) entries of the largest |d| over
 all N targeted entries, drops w and the gates, and keeps the support's values (trainable, with the mask fixed).
+peftkit's trainer runs it after 3/4 of the steps (``METHOD.after_training_at``) and trains the rest of the run with
+a new optimizer whose groups ``param_groups`` gives at ``stage2_lr``.
 
 Memory: the base weights are never copied; before finalize the layer holds w and log α (the paper's training
 state), after it only the support's indices and values. Merge is W += d, unmerge W -= d.
@@ -73,6 +75,13 @@ class DiffPruningConfig(TargetingConfig):
     gate_lr: float | None = field(
         default=0.1, metadata={"help": "Learning rate of the gates in param_groups() (None: the task lr)."}
     )
+    stage2_lr: float | None = field(
+        default=4e-3,
+        metadata={
+            "help": "Peak learning rate in param_groups() once finalized (stage 2: the support's values and the "
+            "task head); the run's schedule scales it (about 1/4 of it at 3/4 of a linear decay). None: the task lr."
+        },
+    )
     finalized: bool = field(
         default=False,
         metadata={"help": "Set by finalize(): the support is fixed and no gates train. Not for new adapters."},
@@ -91,8 +100,10 @@ class DiffPruningConfig(TargetingConfig):
         for name, value, ok, hint in checks:
             if not _is_number(value) or not ok(value):
                 problems.append(f"{name}={value!r} is invalid; use {hint}.")
-        if self.gate_lr is not None and (not _is_number(self.gate_lr) or self.gate_lr <= 0):
-            problems.append(f"gate_lr={self.gate_lr!r} must be a positive learning rate or None.")
+        for name in ("gate_lr", "stage2_lr"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                problems.append(f"{name}={value!r} must be a positive learning rate or None.")
         for name in ("structured", "finalized"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be True or False.")
@@ -373,7 +384,9 @@ def finish_training(peft_model: nn.Module) -> None:
 
 
 def param_groups(peft_model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Optimizer groups: the gates (log α) at each config's ``gate_lr`` without weight decay, the rest at ``lr``."""
+    """Optimizer groups: the gates (log α) at each config's ``gate_lr`` without weight decay, the rest at ``lr``;
+    once the active adapter is finalized (stage 2), the rest at its ``stage2_lr`` (the sparse support takes larger
+    steps than the dense delta did)."""
     gates: dict[float, list[nn.Parameter]] = {}
     gate_ids = set()
     for layer in (m for _, m in adapter_layers(peft_model.model) if isinstance(m, DiffLayer)):
@@ -384,6 +397,9 @@ def param_groups(peft_model: nn.Module, lr: float, weight_decay: float = 0.0) ->
                         gates.setdefault(config.gate_lr or lr, []).append(p)
                         gate_ids.add(id(p))
     rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in gate_ids]
+    active = peft_model.peft_config.get(peft_model.active_adapter)
+    if isinstance(active, DiffPruningConfig) and active.finalized and active.stage2_lr is not None:
+        lr = active.stage2_lr
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}] if rest else []
     return groups + [{"params": ps, "lr": glr, "weight_decay": 0.0} for glr, ps in gates.items()]
 
