@@ -46,7 +46,8 @@ def config_for(method: str):
     if method == "freeze":
         return LayerFreezeConfig(trainable_layers=2, task_type="SEQ_CLS")  # the last 2 of 6 blocks + the head
     if method == "diff":
-        return DiffPruningConfig(target_density=0.005, task_type="SEQ_CLS")  # every weight; finalized after training
+        # every weight; finalized at 3/4 of the batches. stage2_lr=None: param_groups keeps the rate given below
+        return DiffPruningConfig(target_density=0.005, stage2_lr=None, task_type="SEQ_CLS")
     return BitFitConfig(task_type="SEQ_CLS")  # every bias + the head
 
 
