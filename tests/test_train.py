@@ -393,14 +393,15 @@ def test_model_dropout_turns_off_the_base_models_dropout_but_not_the_adapters(fi
 
 
 # ---- distributed -------------------------------------------------------------------------------------------------
-def test_two_process_ddp_matches_one_process(files, tmp_path):
-    """torchrun with 2 processes x 4 rows equals one process x 8 rows (same global batch), gloo on CPU."""
+@pytest.mark.parametrize("method", ["lora", "diff"])
+def test_two_process_ddp_matches_one_process(files, tmp_path, method):
+    """torchrun with 2 processes x 4 rows equals one process x 8 rows (same global batch), gloo on CPU. Diff
+    pruning changes stage after step 6 of 8: its new parameters must be synchronised too (DDP wrapped again)."""
+    method_args, steps = (LORA_BERT, 4) if method == "lora" else (DIFF, 8)
     # Method settings go in the YAML file: torchrun's own parser would take `--r` for an abbreviation of its flags.
-    (tmp_path / "run.yaml").write_text(
-        "method: lora\nmethod_args: {r: 4, lora_alpha: 8, target_modules: [query, value]}\n"
-    )
+    (tmp_path / "run.yaml").write_text(json.dumps({"method": method, "method_args": method_args}))
     args = ["--config", str(tmp_path / "run.yaml"), "--model", str(files["bert"]), "--data", str(files["csv"]),
-            "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--threads", "1"]  # fmt: skip
+            "--max-steps", str(steps), "--lr", "1e-2", "--no-progress", "--threads", "1"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peftkit.cli.main", "train"]
     done = subprocess.run(
@@ -409,10 +410,16 @@ def test_two_process_ddp_matches_one_process(files, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trainable params") == 1  # only rank 0 reports
-    single = train(config(files, tmp_path / "one", batch_size=8, max_steps=4, lr=1e-2, eval_steps=None))
+    single = train(
+        config(files, tmp_path / "one", method=method, method_args=method_args, batch_size=8, max_steps=steps, lr=1e-2,
+               eval_steps=None)
+    )  # fmt: skip
     multi = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert multi["history"]["train_loss"] == pytest.approx(single.history["train_loss"], abs=1e-5)
     assert multi["after"] == pytest.approx(single.after, abs=1e-6)
+    a, b = (io.from_file_keys(io.load_tensors(tmp_path / run)) for run in ("ddp", "one"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
 # ---- interop with transformers' Trainer ------------------------------------------------------------------------------
