@@ -53,6 +53,24 @@ def config(files, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**settings, **changes})
 
 
+def crash_and_resume(monkeypatch, make_config, crash_after: int):
+    """Train ``make_config()`` until its process dies after ``crash_after`` micro-steps, then resume it."""
+    original = Trainer._step
+    calls = {"n": 0}
+
+    def crash(self, micro):
+        calls["n"] += 1
+        if calls["n"] > crash_after:
+            raise KeyboardInterrupt
+        return original(self, micro)
+
+    monkeypatch.setattr(Trainer, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config())
+    monkeypatch.setattr(Trainer, "_step", original)
+    return train(make_config(), resume=True)
+
+
 # ---- the loop ----------------------------------------------------------------------------------------------
 def test_training_lowers_the_loss_and_writes_the_run(files, tmp_path):
     result = train(config(files, tmp_path / "run"))
@@ -79,21 +97,7 @@ def test_resume_continues_exactly(files, tmp_path, monkeypatch):
     settings = dict(model=str(files["bert_dropout"]), grad_accum=2, batch_size=8, max_steps=12, save_steps=6)
     settings["method_args"] = {**LORA_BERT, "lora_dropout": 0.2}
     full = train(config(files, tmp_path / "full", **settings))
-
-    original = Trainer._step
-    calls = {"n": 0}
-
-    def crash_after_eight(self, micro):
-        calls["n"] += 1
-        if calls["n"] > 8:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "_step", crash_after_eight)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(files, tmp_path / "cut", **settings))
-    monkeypatch.setattr(Trainer, "_step", original)
-    resumed = train(config(files, tmp_path / "cut", **settings), resume=True)
+    resumed = crash_and_resume(monkeypatch, lambda: config(files, tmp_path / "cut", **settings), crash_after=8)
 
     assert len(resumed.history["train_loss"]) == 12
     assert resumed.history["train_loss"] == pytest.approx(full.history["train_loss"], abs=1e-6)
@@ -223,20 +227,7 @@ def test_diff_pruning_resumes_across_its_second_stage(files, tmp_path, monkeypat
     losses and the final adapter are those of the uninterrupted run (the gates sample with the RNG)."""
     settings = dict(method="diff", method_args=DIFF, lr=1e-2, max_steps=8, save_steps=3, eval_steps=None)
     full = train(config(files, tmp_path / "full", **settings))
-    original = Trainer._step
-    calls = {"n": 0}
-
-    def crash(self, micro):
-        calls["n"] += 1
-        if calls["n"] > crash_after:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    monkeypatch.setattr(Trainer, "_step", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(files, tmp_path / "cut", **settings))
-    monkeypatch.setattr(Trainer, "_step", original)
-    resumed = train(config(files, tmp_path / "cut", **settings), resume=True)
+    resumed = crash_and_resume(monkeypatch, lambda: config(files, tmp_path / "cut", **settings), crash_after)
     assert resumed.history["train_loss"] == pytest.approx(full.history["train_loss"], abs=1e-6)
     assert resumed.history["lr"] == pytest.approx(full.history["lr"])
     assert resumed.after == pytest.approx(full.after)
