@@ -285,7 +285,12 @@ class Trainer:
 
     def _wrap_model(self) -> None:
         """The model the steps run (DDP over the current parameters; wrap again when the adapter's change)."""
-        self.model = self.pm if self.config.fsdp else self.acc.prepare_model(self.pm)
+        if self.config.fsdp:
+            self.model = self.pm
+            return
+        if hasattr(self, "model"):  # a stage change: under DDP accelerate would keep the old wrapper alive, with
+            self.acc.free_memory()  # its gradient buckets and the replaced tensors (only prepare_model is used here)
+        self.model = self.acc.prepare_model(self.pm)
 
     def _batch(self, rows: list[dict], index: list[int]) -> dict[str, torch.Tensor]:
         batch = D.collate([rows[i] for i in index], self.tokenizer.pad_token_id)
