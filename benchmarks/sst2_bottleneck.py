@@ -72,12 +72,12 @@ def main() -> None:
             result = train(config)
             scores.append(result.after["accuracy"])
             print(
-                f"{name:<10} lr {lr:.0e}  seed {seed}  trainable {result.trainable_params:>8,d}  "
+                f"{name:<10} lr {lr:g}  seed {seed}  trainable {result.trainable_params:>8,d}  "
                 f"dev accuracy {scores[-1]:.4f}  ({result.steps} steps, {time.time() - start:.0f} s)",
                 flush=True,
             )
         if len(scores) > 1:
-            print(f"{name:<10} lr {lr:.0e}  mean over seeds {args.seeds}: {sum(scores) / len(scores):.4f}", flush=True)
+            print(f"{name:<10} lr {lr:g}  mean over seeds {args.seeds}: {sum(scores) / len(scores):.4f}", flush=True)
 
 
 if __name__ == "__main__":
