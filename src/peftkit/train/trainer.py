@@ -214,8 +214,9 @@ class Trainer:
             raise ConfigError(
                 f"--metric-for-best {self.metric!r} is not a metric; use one of {choices(HIGHER_IS_BETTER)}."
             )
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad": 0}
-        self.state["after_training_done"] = False
+        self.state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad": 0, "after_training_done": False
+        }  # fmt: skip
         self.history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval": []}
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -369,7 +370,8 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         live = self.pm.adapter_state_dict(self.pm.active_adapter)
-        written = self.pm.adapter_state_dict(self.pm.active_adapter, for_file=True)
+        # the file just written, read back (building the file layout again would redo diff pruning's projection)
+        written = io.from_file_keys(io.load_tensors(io.adapter_dir(tmp, self.pm.active_adapter)))
         if {k: v.shape for k, v in live.items()} != {k: v.shape for k, v in written.items()}:
             # The file holds another layout than training does (diff pruning's gated state is saved as a sparse
             # delta): keep the live tensors too, so that resuming continues from them exactly.
