@@ -14,10 +14,9 @@ accuracy of each. Adapters that leave attention unchanged (bottleneck, Compacter
 from __future__ import annotations
 
 import argparse
-import csv
 
 import torch
-from common import DATA_ROOT, minilm_folder
+from common import DATA_ROOT, minilm_folder, read_sst2
 from transformers import AutoModel, AutoTokenizer
 
 DATA = DATA_ROOT / "sst2"
@@ -25,9 +24,8 @@ DATA = DATA_ROOT / "sst2"
 
 def rows(name: str, limit: int | None) -> tuple[list[str], torch.Tensor]:
     """The first ``limit`` (sentence, label) rows of a tsv file, in file order (as ``peftkit train`` reads them)."""
-    with open(DATA / name, newline="") as fh:
-        table = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[:limit]
-    return [r["sentence"] for r in table], torch.tensor([int(r["label"]) for r in table])
+    sentences, labels = read_sst2(DATA / name)
+    return sentences[:limit], torch.tensor(labels[:limit])
 
 
 @torch.no_grad()
