@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (the budget: 1)")
     parser.add_argument("--warmup-ratio", type=float, default=0.06, help="share of the steps warming the lr up")
     parser.add_argument("--model-dropout", type=float, default=None, help="the base model's dropout (0: off)")
+    parser.add_argument(
+        "--pooling", default="default", choices=["default", "mean"], help="the classifier reads [CLS] or the mean"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the mean is printed")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra adapter settings, e.g. phm_rank=2"
@@ -66,7 +69,8 @@ def main() -> None:
             config = TrainConfig(
                 model="minilm", data=str(DATA), method=method, method_args=method_args, output_dir=f"{args.out}/{name}",
                 max_train_rows=args.rows, epochs=args.epochs, batch_size=args.batch, max_length=64, lr=lr,
-                warmup_ratio=args.warmup_ratio, model_dropout=args.model_dropout, threads=args.threads, seed=seed,
+                warmup_ratio=args.warmup_ratio, pooling=args.pooling, model_dropout=args.model_dropout,
+                threads=args.threads, seed=seed,
                 eval_before=False, progress=False,
             )  # fmt: skip
             result = train(config)

@@ -183,6 +183,14 @@ def test_merge_writes_a_plain_transformers_model_with_the_same_outputs(files, tm
     assert not torch.allclose(base, expected, atol=1e-3)  # the adapter changed the model: the check is not vacuous
 
 
+def test_merge_refuses_an_adapter_trained_with_mean_pooling(files, tmp_path, capsys):
+    run(capsys, *tiny_args(files, tmp_path / "mean", "--max-steps", "2", "--pooling", "mean"))
+    assert "was trained with --pooling mean" in fail(capsys, "merge", tmp_path / "mean", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    out = run(capsys, "predict", tmp_path / "mean", "--text", "good good movie")
+    assert out.split("\t")[0] in ("negative", "neutral", "positive")
+
+
 def test_inspect_lists_targets_and_checkpoints(files, tmp_path, capsys):
     out = run(capsys, "inspect", files["bert"], "--target-modules", "query", "--r", "2")
     assert "lora targets 2 modules: bert.encoder.layer.0.attention.self.query, bert.encoder.layer.1" in out

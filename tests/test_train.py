@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import tiny_runs as T
 import torch
+import yaml
 
-from peftkit import PeftModel
+from models import perturb
+from peftkit import LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peftkit.core import io
 from peftkit.core.model import PeftModel as CorePeftModel
 from peftkit.errors import ConfigError
@@ -381,6 +383,84 @@ def test_model_dropout_turns_off_the_base_models_dropout_but_not_the_adapters(fi
     torch.testing.assert_close(off.pm(**batch).logits, off.pm(**batch).logits, rtol=0, atol=0)
     own.pm.train()
     assert not torch.equal(own.pm(**batch).logits, own.pm(**batch).logits)  # attention dropout read from the module
+
+
+# ---- mean pooling --------------------------------------------------------------------------------------------------
+def rows_alone_and_padded(model, tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of each text on its own (no padding) and of all of them in one padded batch."""
+    with torch.no_grad():
+        alone = torch.cat([model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+        padded = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    return alone, padded
+
+
+TEXTS = ["good", "the movie was very bad and the plot awful", "a fine film"]
+
+
+def test_mean_pooling_feeds_the_classifier_the_masked_mean_of_the_last_hidden_states(files):
+    from peftkit.train.models import MeanPooler, load_model, load_tokenizer, use_mean_pooling
+
+    tokenizer = load_tokenizer(str(files["bert"]))
+    reference = load_model(str(files["bert"]), "classification").eval()
+    model = use_mean_pooling(load_model(str(files["bert"]), "classification")).eval()
+    assert isinstance(model.bert.pooler, MeanPooler) and not list(model.bert.pooler.parameters())
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # padding is there to be masked out
+    with torch.no_grad():
+        hidden = reference.bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = reference.classifier((hidden * mask).sum(1) / mask.sum(1))
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(reference(**batch).logits, expected, atol=1e-3)  # [CLS] reads something else
+    alone, padded = rows_alone_and_padded(model, tokenizer, TEXTS)
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make_config",
+    [
+        lambda: LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler", "classifier"], **LORA_BERT),
+        lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+        lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+    ],
+    ids=["lora-pooler-copy", "prefix", "prompt"],
+)
+def test_mean_pooling_masks_padding_under_adapters_that_copy_the_pooler_or_add_tokens(files, make_config):
+    """A modules_to_save copy of the pooler reads the live mask; prefix tuning adds keys inside attention only;
+    prompt tuning's virtual tokens are averaged in like words. Padding must never change a row's logits."""
+    from peftkit.train.models import load_model, load_tokenizer, use_mean_pooling
+
+    tokenizer = load_tokenizer(str(files["bert"]))
+    base = use_mean_pooling(load_model(str(files["bert"]), "classification"))
+    pm = get_peft_model(base, make_config()).eval()
+    perturb(pm, "default", scale=0.3)
+    alone, padded = rows_alone_and_padded(pm, tokenizer, TEXTS)
+    torch.testing.assert_close(padded, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_mean_pooling_trains_and_predict_loads_it_back(files, tmp_path):
+    from peftkit.cli.common import load_adapted
+    from peftkit.train.models import MeanPooler
+
+    trainer = Trainer(config(files, tmp_path / "mean", pooling="mean", max_steps=20, eval_steps=None))
+    result = trainer.train()
+    assert result.after["accuracy"] > result.majority + 0.2
+    assert yaml.safe_load((tmp_path / "mean" / "train_config.yaml").read_text())["pooling"] == "mean"
+    adapted = load_adapted(tmp_path / "mean")
+    assert adapted.pooling == "mean" and isinstance(adapted.model.base_model.model.bert.pooler, MeanPooler)
+    batch = trainer.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    trainer.pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted.model(**batch).logits, trainer.pm(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_pooling_refuses_models_without_a_bert_pooler(files, tmp_path):
+    from peftkit.train.models import load_model, use_mean_pooling
+
+    with pytest.raises(ConfigError, match=r"--pooling mean works on BERT .*LlamaForCausalLM"):
+        use_mean_pooling(load_model(str(files["llama"]), "causal_lm"))
+    with pytest.raises(ConfigError, match=r"--pooling 'max' is not a pooling; use one of 'default', 'mean'"):
+        TrainConfig(pooling="max")
 
 
 # ---- distributed -------------------------------------------------------------------------------------------------

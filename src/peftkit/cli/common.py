@@ -11,7 +11,7 @@ from peftkit.core import io
 from peftkit.core.config import CONFIG_NAME, TASK_HEADS, PeftConfig
 from peftkit.core.model import PeftModel
 from peftkit.errors import CheckpointError, ConfigError
-from peftkit.train.models import load_model, load_tokenizer
+from peftkit.train.models import load_model, load_tokenizer, use_mean_pooling
 
 CLI_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}
 
@@ -30,7 +30,7 @@ def adapter_folders(root: str | Path) -> dict[str, Path]:
 
 
 def run_info(folder: Path) -> dict[str, Any]:
-    """What `peftkit train` recorded next to the adapter (model, task, labels), when it wrote it."""
+    """What `peftkit train` recorded next to the adapter (model, task, labels, pooling), when it wrote it."""
     info: dict[str, Any] = {}
     for candidate in (folder, folder.parent):
         metrics = candidate / "metrics.json"
@@ -42,7 +42,9 @@ def run_info(folder: Path) -> dict[str, Any]:
         if settings.is_file():
             import yaml
 
-            info.setdefault("model", (yaml.safe_load(settings.read_text()) or {}).get("model"))
+            recorded = yaml.safe_load(settings.read_text()) or {}
+            info.setdefault("model", recorded.get("model"))
+            info.setdefault("pooling", recorded.get("pooling"))
     return {k: v for k, v in info.items() if v is not None}
 
 
@@ -62,6 +64,7 @@ class Adapted:
     task: str
     labels: list[str] | None
     base: str
+    pooling: str
 
 
 def load_adapted(adapter: str | Path, model: str | None = None) -> Adapted:
@@ -86,7 +89,10 @@ def load_adapted(adapter: str | Path, model: str | None = None) -> Adapted:
     labels = info.get("labels") or (_labels_from_tensors(folder) if task == "classification" else None)
     tokenizer = load_tokenizer(base)
     base_model = load_model(base, task, labels)
+    pooling = info.get("pooling", "default")
+    if pooling == "mean":  # the head the adapter was trained with
+        use_mean_pooling(base_model)
     if getattr(base_model.config, "pad_token_id", None) is None:
         base_model.config.pad_token_id = tokenizer.pad_token_id
     peft_model = PeftModel.from_pretrained(base_model, folder).eval()
-    return Adapted(peft_model, tokenizer, task, labels, base)
+    return Adapted(peft_model, tokenizer, task, labels, base, pooling)

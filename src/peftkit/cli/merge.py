@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from peftkit.cli.common import load_adapted
+from peftkit.cli.common import load_adapted, run_info
+from peftkit.errors import ConfigError
 
 
 def merge(
@@ -14,7 +15,16 @@ def merge(
     output: str = typer.Argument(..., help="Folder to write the merged model and its tokenizer to."),
     model: str | None = typer.Option(None, "--model", help="Base model (default: the one the adapter names)."),
 ) -> None:
-    """Merge ADAPTER into its base model: OUTPUT loads with AutoModel*.from_pretrained, no peftkit needed."""
+    """Merge ADAPTER into its base model: OUTPUT loads with AutoModel*.from_pretrained, no peftkit needed.
+
+    Adapters trained with --pooling mean are refused: plain transformers would read [CLS] again."""
+    if run_info(Path(adapter)).get("pooling") == "mean":
+        raise ConfigError(
+            f"{adapter} was trained with --pooling mean, which replaces BERT's pooler with a mean over the tokens; "
+            "a transformers folder would load with BERT's own [CLS] pooler and predict something else. Keep the "
+            "adapter and load it with peftkit (`peftkit predict`, PeftModel.from_pretrained after "
+            "use_mean_pooling)."
+        )
     adapted = load_adapted(adapter, model)
     merged = adapted.model.merge_and_unload()
     Path(output).mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from typing import Any
 from peftkit.errors import ConfigError, choices
 
 TASKS = ("auto", "classification", "causal_lm")
+POOLINGS = ("default", "mean")  # "mean": peftkit.train.models.use_mean_pooling
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -34,6 +35,14 @@ class TrainConfig:
     )
     method_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "The method's settings (YAML only; flags set them one by one)."}
+    )
+    pooling: str = field(
+        default="default",
+        metadata={
+            "help": "How a classifier reads the sentence: 'default' (the model's own head; BERT: [CLS] through its "
+            "pooler) or 'mean' (the masked mean of the last hidden states, for mean-pooling sentence encoders "
+            "such as minilm; BERT models)."
+        },
     )
     output_dir: str = field(default="runs/train", metadata={"help": "Where the adapter, metrics and plots go."})
     # ---- data --------------------------------------------------------------------------------------------
@@ -92,6 +101,8 @@ class TrainConfig:
         out = []
         if self.task not in TASKS:
             out.append(f"--task {self.task!r} is not a task; use one of {choices(TASKS)}.")
+        if self.pooling not in POOLINGS:
+            out.append(f"--pooling {self.pooling!r} is not a pooling; use one of {choices(POOLINGS)}.")
         if self.schedule not in SCHEDULES:
             out.append(f"--schedule {self.schedule!r} is not a schedule; use one of {choices(SCHEDULES)}.")
         positive = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "save_total_limit")
