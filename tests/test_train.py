@@ -404,6 +404,8 @@ def test_mean_pooling_feeds_the_classifier_the_masked_mean_of_the_last_hidden_st
     reference = load_model(str(files["bert"]), "classification").eval()
     model = use_mean_pooling(load_model(str(files["bert"]), "classification")).eval()
     assert isinstance(model.bert.pooler, MeanPooler) and not list(model.bert.pooler.parameters())
+    hooks = len(model.bert._forward_pre_hooks)
+    assert use_mean_pooling(model) is model and len(model.bert._forward_pre_hooks) == hooks  # twice: no change
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # padding is there to be masked out
     with torch.no_grad():

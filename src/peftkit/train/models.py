@@ -146,6 +146,8 @@ def use_mean_pooling(model: nn.Module) -> nn.Module:
             f"the pooler's output; {type(model).__name__} (model_type {model_type!r}) has its own head: "
             "use --pooling default."
         )
+    if isinstance(encoder.pooler, MeanPooler):  # already done: one hook is enough
+        return model
     pooler = MeanPooler()
     encoder.pooler = pooler
 
