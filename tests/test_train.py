@@ -456,6 +456,22 @@ def test_mean_pooling_trains_and_predict_loads_it_back(files, tmp_path):
         torch.testing.assert_close(adapted.model(**batch).logits, trainer.pm(**batch).logits, rtol=1e-5, atol=1e-6)
 
 
+def test_a_mean_pooling_sentence_encoder_gets_a_hint(files, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "sentence-encoder"
+    shutil.copytree(files["bert"], folder)
+    settings = dict(model=str(folder), max_steps=1, eval_before=False)
+    Trainer(config(files, tmp_path / "plain", **settings))
+    assert "--pooling mean" not in "".join(capsys.readouterr())
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    Trainer(config(files, tmp_path / "hint", **settings))
+    assert "trained on the mean of its token vectors" in capsys.readouterr().out
+    Trainer(config(files, tmp_path / "mean", pooling="mean", **settings))
+    assert "--pooling mean lets" not in "".join(capsys.readouterr())
+
+
 def test_mean_pooling_refuses_models_without_a_bert_pooler(files, tmp_path):
     from peftkit.train.models import load_model, use_mean_pooling
 

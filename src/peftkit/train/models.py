@@ -130,6 +130,19 @@ class MeanPooler(nn.Module):
         return "mean over the attention mask"
 
 
+def checkpoint_pooling(ref: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with ("mean", "cls", "max", ...), read from its
+    ``1_Pooling/config.json``; None for other checkpoints."""
+    import json
+
+    try:
+        settings = json.loads((resolve_model(ref) / "1_Pooling" / "config.json").read_text())
+    except (OSError, ValueError, ConfigError):
+        return None
+    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+    return next((mode for key, mode in modes.items() if settings.get(key)), None)
+
+
 def use_mean_pooling(model: nn.Module) -> nn.Module:
     """Make a BERT classifier read the masked mean of its last hidden states instead of [CLS] (in place).
 

@@ -45,7 +45,7 @@ from peftkit.errors import CheckpointError, ConfigError, choices
 from peftkit.train import data as D
 from peftkit.train.config import TrainConfig
 from peftkit.train.metrics import HIGHER_IS_BETTER, classification_metrics, lm_metrics
-from peftkit.train.models import TASK_TYPES, load_model, load_tokenizer, use_mean_pooling
+from peftkit.train.models import TASK_TYPES, checkpoint_pooling, load_model, load_tokenizer, use_mean_pooling
 
 STATE_NAME = "trainer_state.pt"
 # Settings that may change between a run and its resumption without changing its trajectory.
@@ -193,6 +193,11 @@ class Trainer:
         base = model if model is not None else load_model(config.model, self.task, self.labels)
         if config.pooling == "mean":
             use_mean_pooling(base)
+        elif model is None and self.task == "classification" and checkpoint_pooling(config.model) == "mean":
+            self._say(
+                f"note: {config.model} is a sentence encoder trained on the mean of its token vectors "
+                "(1_Pooling/config.json); --pooling mean lets the classifier read that instead of [CLS]."
+            )
         if config.model_dropout is not None:
             set_dropout(base, config.model_dropout)
         if getattr(base.config, "pad_token_id", None) is None:
