@@ -189,6 +189,7 @@ def test_merge_refuses_an_adapter_trained_with_mean_pooling(files, tmp_path, cap
     assert not (tmp_path / "merged").exists()
     out = run(capsys, "predict", tmp_path / "mean", "--text", "good good movie")
     assert out.split("\t")[0] in ("negative", "neutral", "positive")
+    assert "trained with --pooling mean" in run(capsys, "inspect", tmp_path / "mean")
 
 
 def test_inspect_lists_targets_and_checkpoints(files, tmp_path, capsys):

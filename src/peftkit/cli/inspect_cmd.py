@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from torch import nn
 
-from peftkit.cli.common import adapter_folders
+from peftkit.cli.common import adapter_folders, run_info
 from peftkit.cli.options import extend_signature, method_args_from_flags, method_parameters
 from peftkit.core import io
 from peftkit.core.config import PeftConfig
@@ -46,6 +46,9 @@ def _show_checkpoint(folders: dict[str, Path]) -> None:
             f"adapter {name!r}: {config.get('peft_type')} task_type={config.get('task_type')} "
             f"base={config.get('base_model_name_or_path')} ({folder})"
         )
+        pooling = run_info(folder).get("pooling", "default")
+        if pooling != "default":
+            typer.echo(f"  trained with --pooling {pooling} (train_config.yaml): load it with the same head")
         typer.echo(f"  {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()):,d} values, {size:,d} bytes")
         for key, tensor in tensors.items():
             typer.echo(f"    {key} {tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}")
