@@ -23,7 +23,7 @@ import time
 import yaml
 from common import DATA_ROOT
 
-from peftkit.train.config import TrainConfig
+from peftkit.train.config import POOLINGS, TrainConfig
 from peftkit.train.trainer import train
 
 DATA = DATA_ROOT / "sst2"
@@ -60,9 +60,7 @@ def main() -> None:
     parser.add_argument(
         "--model-dropout", type=float, default=None, help="the base model's dropout (0: off; default: the recipe)"
     )
-    parser.add_argument(
-        "--pooling", default=None, choices=["default", "mean"], help="[CLS] or the mean (default: the recipe)"
-    )
+    parser.add_argument("--pooling", default=None, choices=POOLINGS, help="[CLS] or the mean (default: the recipe)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed; the mean is printed")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra adapter settings, e.g. phm_rank=2"

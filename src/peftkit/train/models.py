@@ -8,6 +8,7 @@ first use rebuilds it from its config and state dict and caches a normal copy in
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -133,8 +134,6 @@ class MeanPooler(nn.Module):
 def checkpoint_pooling(ref: str) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with ("mean", "cls", "max", ...), read from its
     ``1_Pooling/config.json``; None for other checkpoints."""
-    import json
-
     try:
         settings = json.loads((resolve_model(ref) / "1_Pooling" / "config.json").read_text())
     except (OSError, ValueError, ConfigError):
