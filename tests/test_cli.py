@@ -314,7 +314,7 @@ def test_compare_runs_every_registered_method_with_its_defaults(files, tmp_path,
     names = [get_method(n).name for n in method_names()]
     assert list(rows) == names and len(names) >= 4
     assert {n: r["error"] for n, r in rows.items() if r["error"]} == {}  # every default runs on a small model
-    rates = {get_method(n).name: get_method(n).learning_rate for n in method_names()}
+    rates = {get_method(n).name: get_method(n).training.learning_rate for n in method_names()}
     assert {n: float(r["lr"]) for n, r in rows.items()} == rates
     assert all(float(r["trainable_pct"]) > 0 and 0 <= float(r["after"]) <= 1 for r in rows.values())
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"

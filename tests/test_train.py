@@ -141,7 +141,7 @@ def test_method_defaults_rate_groups_and_last_stage(files, tmp_path):
     diff = {"target_density": 0.05, "target_modules": ["query", "value"]}
     trainer = Trainer(config(files, tmp_path / "diff", method="diff", method_args=diff, lr=None, max_steps=4,
                              eval_steps=2))  # fmt: skip
-    assert trainer.lr == get_method("diff").learning_rate == 1e-4
+    assert trainer.lr == get_method("diff").training.learning_rate == 1e-4
     assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [1e-4, 0.1]  # weights, gates (gate_lr)
     result = trainer.train()
     assert result.lr == 1e-4 and result.best_step == 4 and result.history["eval_step"] == [0, 2, 4]

@@ -8,13 +8,12 @@ factors, or its full ΔW before an SVD); nothing here knows a method.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from peftkit.core.io import check_adapter_name
 from peftkit.core.layer import ModulesToSave
 from peftkit.core.merge import adapter_layers
+from peftkit.core.method import AdapterHost
 from peftkit.core.registry import method_of
 from peftkit.errors import AdapterNameError, ConfigError, choices
 
@@ -100,7 +99,7 @@ NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def add_weighted_adapter(
-    peft_model: Any,
+    peft_model: AdapterHost,
     adapters: list[str],
     weights: list[float],
     adapter_name: str,
@@ -118,7 +117,7 @@ def add_weighted_adapter(
             "adapter, e.g. add_weighted_adapter(['a', 'b'], [0.7, 0.3], 'mix')."
         )
     for name in adapters:
-        peft_model._check_exists(name)
+        peft_model.check_exists(name)
     check_adapter_name(adapter_name)
     if adapter_name in peft_model.peft_config:
         raise AdapterNameError(f"An adapter named {adapter_name!r} already exists; choose another name.")
@@ -151,7 +150,7 @@ def add_weighted_adapter(
     peft_model.set_adapter(peft_model.active_adapters or adapter_name)  # refresh layers; the new one stays inactive
 
 
-def mean_head_copies(peft_model: Any, adapters: list[str], weights: list[float], new_name: str) -> None:
+def mean_head_copies(peft_model: AdapterHost, adapters: list[str], weights: list[float], new_name: str) -> None:
     """modules_to_save copies of ``new_name``: the weights-weighted mean of the adapters' copies."""
     for _, layer in adapter_layers(peft_model.model):
         copies = layer.modules_to_save if isinstance(layer, ModulesToSave) else {}

@@ -10,23 +10,25 @@ as they are, and must have the loaded shapes.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
 from peftkit.core.merge import merged_names
+from peftkit.core.method import AdapterHost
 from peftkit.core.model import read_checkpoint
 from peftkit.core.registry import method_of
 from peftkit.errors import CheckpointError, ConfigError, MergeError, choices
 
 
-def hotswap_adapter(peft_model: Any, model_name_or_path: str | os.PathLike, adapter_name: str = "default") -> None:
+def hotswap_adapter(
+    peft_model: AdapterHost, model_name_or_path: str | os.PathLike, adapter_name: str = "default"
+) -> None:
     """Replace the values of loaded adapter ``adapter_name`` by the adapter saved in ``model_name_or_path``.
 
     The checkpoint must be of the same method and adapt the same modules. Everything is checked before anything is
     written, so a bad checkpoint leaves the adapter as it was.
     """
-    peft_model._check_exists(adapter_name)
+    peft_model.check_exists(adapter_name)
     if adapter_name in merged_names(peft_model.model):
         raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before hot-swapping it.")
     current = peft_model.peft_config[adapter_name]
@@ -65,7 +67,7 @@ def hotswap_adapter(peft_model: Any, model_name_or_path: str | os.PathLike, adap
     peft_model.peft_config[adapter_name] = config.replace(inference_mode=current.inference_mode)
 
 
-def prepare_model_for_compiled_hotswap(peft_model: Any, *, target_rank: int | None = None) -> None:
+def prepare_model_for_compiled_hotswap(peft_model: AdapterHost, *, target_rank: int | None = None) -> None:
     """Make later hot-swaps recompilation-free: call once, before ``torch.compile``.
 
     ``target_rank``: pad every adapter to this rank (zero rows / columns, which leave the output unchanged) so a

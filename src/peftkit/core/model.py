@@ -142,7 +142,7 @@ class PeftModel(nn.Module):
         else:
             names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
-            self._check_exists(name)
+            self.check_exists(name)
         if composition is not None and composition.layer_level:
             self._check_composable(composition)
         self._active = names
@@ -159,7 +159,7 @@ class PeftModel(nn.Module):
                 )
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_exists(adapter_name)
+        self.check_exists(adapter_name)
         if adapter_name in merged_names(self.model):
             raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
         for name, layer in adapter_layers(self.model):
@@ -174,7 +174,8 @@ class PeftModel(nn.Module):
             self._composition = None
         self._refresh()
 
-    def _check_exists(self, name: str) -> None:
+    def check_exists(self, name: str) -> None:
+        """Raise AdapterNotFoundError, listing the loaded adapters, unless ``name`` is loaded."""
         if name not in self.peft_config:
             raise AdapterNotFoundError(
                 f"No adapter named {name!r}. Loaded adapters: {choices(self.peft_config) or '(none)'}. "
@@ -283,7 +284,7 @@ class PeftModel(nn.Module):
     # ---- merging ----------------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
         for name in names:
-            self._check_exists(name)
+            self.check_exists(name)
             method = method_of(self.peft_config[name])
             if not method.can_merge:
                 raise MergeError(
@@ -365,7 +366,7 @@ class PeftModel(nn.Module):
     def adapter_state_dict(self, adapter_name: str, for_file: bool = False) -> dict[str, torch.Tensor]:
         """The adapter's tensors under model-relative names (no adapter name); with ``for_file``, in the layout
         save_pretrained writes (``AdapterLayer.file_state_dict``: the same tensors for most methods)."""
-        self._check_exists(adapter_name)
+        self.check_exists(adapter_name)
         out: dict[str, torch.Tensor] = {}
         for path, layer in adapter_layers(self.model):
             state = layer.file_state_dict(adapter_name) if for_file else layer.adapter_state_dict(adapter_name)
@@ -384,7 +385,7 @@ class PeftModel(nn.Module):
         """
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         for name in names:
-            self._check_exists(name)
+            self.check_exists(name)
         for name in names:
             folder = io.adapter_dir(save_directory, name)
             io.save_tensors(io.to_file_keys(self.adapter_state_dict(name, for_file=True)), folder)

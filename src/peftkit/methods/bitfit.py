@@ -29,7 +29,7 @@ from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers, own_layer_path
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.merge import adapter_layers
-from peftkit.core.method import Method
+from peftkit.core.method import AdapterHost, Method, Training
 from peftkit.core.targeting import base_of, is_conv1d_gpt2, is_linear_like, iter_free_modules, output_head_names
 from peftkit.errors import ConfigError, TargetNotFoundError
 
@@ -250,7 +250,7 @@ def inject(model: nn.Module, config: BitFitConfig, adapter_name: str) -> None:
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------
 def combine(
-    peft_model: Any, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
+    peft_model: AdapterHost, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
 ) -> None:
     """``linear``: d_new = sum_i w_i d_i per module (an adapter that does not target the module counts as d_i = 0,
     its identity). The task heads' copies become their weights-weighted mean."""
@@ -276,7 +276,7 @@ def combine(
         raise
 
 
-def _deltas_by_module(peft_model: Any) -> dict[str, dict[str, nn.Parameter]]:
+def _deltas_by_module(peft_model: AdapterHost) -> dict[str, dict[str, nn.Parameter]]:
     """module name -> {adapter: delta}, across BitFit wrappers at that module (another method may sit between)."""
     out: dict[str, dict[str, nn.Parameter]] = {}
     for path, layer in adapter_layers(peft_model.model):
@@ -288,9 +288,8 @@ def _deltas_by_module(peft_model: Any) -> dict[str, dict[str, nn.Parameter]]:
 METHOD = Method(
     name="bitfit",
     config_class=BitFitConfig,
-    strategy="wrap",
     inject=inject,
     can_merge=True,
     combine=combine,
-    learning_rate=5e-3,
+    training=Training(learning_rate=5e-3),
 )

@@ -36,7 +36,7 @@ from peftkit.core.compose import Average, Composition, Fusion, Stack
 from peftkit.core.inject import Injection, add_modules_to_save
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
-from peftkit.core.method import Method
+from peftkit.core.method import Method, Training
 from peftkit.core.targeting import TargetingConfig, find_targets, is_conv1d_gpt2, model_type
 from peftkit.errors import ConfigError, TargetNotFoundError, choices
 
@@ -510,7 +510,6 @@ def parameter_count(d: int, k: int, n_adapters: int, d_in: int | None = None) ->
 METHOD = Method(
     name="bottleneck",
     config_class=BottleneckConfig,
-    strategy="wrap",
     inject=inject,
     can_merge=False,
     merge_hint=(
@@ -518,5 +517,5 @@ METHOD = Method(
         "output, and a non-linear function cannot be folded into a weight matrix, so they always cost extra "
         "inference time (docs/bottleneck.md measures it)."
     ),
-    learning_rate=5e-3,
+    training=Training(learning_rate=5e-3),
 )

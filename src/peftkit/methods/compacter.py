@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.core.method import Method
+from peftkit.core.method import Method, Training
 from peftkit.errors import ConfigError
 from peftkit.methods import bottleneck
 from peftkit.methods.bottleneck import BottleneckConfig, BottleneckLayer
@@ -145,12 +145,11 @@ def parameter_count(d: int, k: int, n: int, n_adapters: int, rank: int = 1, bias
 METHOD = Method(
     name="compacter",
     config_class=CompacterConfig,
-    strategy="wrap",
     inject=inject,
     can_merge=False,
     merge_hint=(
         "Compacter adds bottleneck layers (PHM down-projection, non-linearity, PHM up-projection) after a "
         "module's output; a non-linear function cannot be folded into a weight matrix."
     ),
-    learning_rate=1e-2,
+    training=Training(learning_rate=1e-2),
 )

@@ -42,7 +42,7 @@ from torch import nn
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, WrapsInPlace
 from peftkit.core.merge import adapter_layers
-from peftkit.core.method import Method
+from peftkit.core.method import AdapterHost, Method, Training
 from peftkit.core.targeting import TargetingConfig, find_targets, output_head_names
 from peftkit.errors import CheckpointError, ConfigError, MergeError, TargetNotFoundError
 from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, warn_tied
@@ -320,12 +320,12 @@ def _checked_index(tensors: dict[str, torch.Tensor], key: str, numel: int) -> to
 
 
 # ---- stage two: magnitude projection to the target density ----------------------------------------------------
-def _diff_layers(peft_model: nn.Module, name: str) -> list[DiffLayer]:
+def _diff_layers(peft_model: AdapterHost, name: str) -> list[DiffLayer]:
     return [m for _, m in adapter_layers(peft_model.model) if isinstance(m, DiffLayer) and name in m.gate_settings]
 
 
 @torch.no_grad()
-def finalize(peft_model: nn.Module, target_density: float | None = None, adapter_name: str | None = None) -> int:
+def finalize(peft_model: AdapterHost, target_density: float | None = None, adapter_name: str | None = None) -> int:
     """Project adapter ``adapter_name`` (default: the active one) onto the L0 ball (paper section 3.2): keep the
     k = round(target_density * N) entries of largest |d| over all N targeted entries, exactly k, ties broken in
     module order. Afterwards the support is fixed and only its values train: build a new optimizer. Returns k."""
@@ -376,14 +376,14 @@ def finalize(peft_model: nn.Module, target_density: float | None = None, adapter
     return k
 
 
-def finish_training(peft_model: nn.Module) -> None:
+def finish_training(peft_model: AdapterHost) -> None:
     """The training loop's stage change after 3/4 of the steps (METHOD.after_training_at): finalize the active
     adapter to its target density, unless done already; the rest of the run trains the support's values only."""
     if not peft_model.peft_config[peft_model.active_adapter].finalized:
         finalize(peft_model)
 
 
-def param_groups(peft_model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+def param_groups(peft_model: AdapterHost, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer groups: the gates (log α) at each config's ``gate_lr`` without weight decay, the rest at ``lr``;
     once the active adapter is finalized (stage 2), the rest at its ``stage2_lr`` (the sparse support takes larger
     steps than the dense delta did)."""
@@ -435,12 +435,10 @@ def inject(model: nn.Module, config: DiffPruningConfig, adapter_name: str) -> No
 METHOD = Method(
     name="diff",
     config_class=DiffPruningConfig,
-    strategy="wrap",
     inject=inject,
-    can_merge=True,
-    learning_rate=1e-4,
-    param_groups=param_groups,
-    after_training=finish_training,
-    after_training_at=0.75,  # stage 2 (section 3.2): the last quarter of the steps trains the fixed support
+    can_merge=True,  # stage 2 (section 3.2): the last quarter of the steps trains the fixed support
     functions={"finalize": finalize},
+    training=Training(
+        learning_rate=1e-4, param_groups=param_groups, after_training_at=0.75, after_training=finish_training
+    ),
 )

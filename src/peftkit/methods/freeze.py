@@ -39,7 +39,7 @@ from torch.func import functional_call
 from peftkit.core.config import TASK_HEADS, PeftConfig
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave, Routing, WrapsInPlace
-from peftkit.core.method import Method
+from peftkit.core.method import Method, Training
 from peftkit.core.targeting import base_of
 from peftkit.errors import RoutingError, TargetNotFoundError
 
@@ -381,5 +381,9 @@ def inject(model: nn.Module, config: LayerFreezeConfig, adapter_name: str) -> No
 
 
 METHOD = Method(
-    name="freeze", config_class=LayerFreezeConfig, strategy="wrap", inject=inject, can_merge=True, learning_rate=5e-4
+    name="freeze",
+    config_class=LayerFreezeConfig,
+    inject=inject,
+    can_merge=True,
+    training=Training(learning_rate=5e-4),
 )

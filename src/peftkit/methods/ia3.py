@@ -31,7 +31,7 @@ from peftkit.core.combine import free_name, mean_head_copies
 from peftkit.core.inject import inject_layers, own_layer_path
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
-from peftkit.core.method import Method
+from peftkit.core.method import AdapterHost, Method, Training
 from peftkit.core.targeting import (
     TargetingConfig,
     base_of,
@@ -333,7 +333,7 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> None:
 
 # ---- combining adapters (PeftModel.add_weighted_adapter) ---------------------------------------------------
 def combine(
-    peft_model: Any, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
+    peft_model: AdapterHost, adapters: list[str], weights: list[float], new_name: str, combination_type: str, **_: Any
 ) -> None:
     """``linear``: l_new = sum_i w_i l_i per layer, where an adapter that does not target the layer counts as
     l_i = 1 (the identity; peft counts it as 0). The task heads' copies become their weights-weighted mean."""
@@ -364,7 +364,7 @@ def combine(
         raise
 
 
-def _vectors_by_module(peft_model: Any) -> dict[str, tuple[dict[str, nn.Parameter], bool]]:
+def _vectors_by_module(peft_model: AdapterHost) -> dict[str, tuple[dict[str, nn.Parameter], bool]]:
     """module name -> ({adapter: vector}, is feed-forward), across (IA)3 wrappers at that module."""
     out: dict[str, tuple[dict[str, nn.Parameter], bool]] = {}
     for path, layer in adapter_layers(peft_model.model):
@@ -377,9 +377,8 @@ def _vectors_by_module(peft_model: Any) -> dict[str, tuple[dict[str, nn.Paramete
 METHOD = Method(
     name="ia3",
     config_class=IA3Config,
-    strategy="wrap",
     inject=inject,
     can_merge=True,
     combine=combine,
-    learning_rate=1e-2,
+    training=Training(learning_rate=1e-2),
 )

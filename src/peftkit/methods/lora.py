@@ -27,7 +27,7 @@ from peftkit.core.combine import COMBINATIONS, combine_tensors, mean_head_copies
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.merge import adapter_layers
-from peftkit.core.method import Method
+from peftkit.core.method import AdapterHost, Method, Training
 from peftkit.core.targeting import TargetingConfig, base_of, find_targets, is_conv1d_gpt2, iter_free_modules
 from peftkit.errors import CheckpointError, ConfigError, choices
 
@@ -554,7 +554,7 @@ def _combined_factors(layer: LoraLayer, present: list[str], weights: list[float]
 
 
 def combine(
-    peft_model: Any,
+    peft_model: AdapterHost,
     adapters: list[str],
     weights: list[float],
     new_name: str,
@@ -616,11 +616,13 @@ def combine(
 
 
 # ---- hot-swapping (peftkit.core.hotswap) ----------------------------------------------------------------------
-def _lora_layers(peft_model: Any, adapter_name: str) -> list[tuple[str, LoraLayer]]:
+def _lora_layers(peft_model: AdapterHost, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     return [(p, m) for p, m in adapter_layers(peft_model.model) if isinstance(m, LoraLayer) and adapter_name in m.r]
 
 
-def _describe(peft_model: Any, name: str, config: LoraConfig, scales: dict[str, float] | None = None) -> LoraConfig:
+def _describe(
+    peft_model: AdapterHost, name: str, config: LoraConfig, scales: dict[str, float] | None = None
+) -> LoraConfig:
     """``config`` restated for the loaded (padded) ranks and the scales (``scales`` overrides some), so that what
     save_pretrained writes loads back."""
     layers = _lora_layers(peft_model, name)
@@ -632,7 +634,7 @@ def _describe(peft_model: Any, name: str, config: LoraConfig, scales: dict[str, 
     return config.replace(r=r0, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False)
 
 
-def hotswap(peft_model: Any, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]):
+def hotswap(peft_model: AdapterHost, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]):
     """Check a checkpoint's factors against the loaded (possibly padded) ones; return the keys handled, a function
     that writes them (A into the first r rows, B into the first r columns, zeros elsewhere) and the new config."""
     writes, scales = [], {}
@@ -681,7 +683,7 @@ def _pad(layer: LoraLayer, attr: str, name: str, dim: int, size: int) -> None:
             setattr(owner, field_name, size)
 
 
-def prepare_hotswap(peft_model: Any, name: str, target_rank: int | None) -> None:
+def prepare_hotswap(peft_model: AdapterHost, name: str, target_rank: int | None) -> None:
     """Pad adapter ``name`` to ``target_rank`` (zeros: same output) and hold its scales as 0-dim tensors."""
     layers = _lora_layers(peft_model, name)
     target = target_rank or max((m.r[name] for _, m in layers), default=1)
@@ -702,12 +704,11 @@ def prepare_hotswap(peft_model: Any, name: str, target_rank: int | None) -> None
 METHOD = Method(
     name="lora",
     config_class=LoraConfig,
-    strategy="wrap",
     inject=inject,
     can_merge=True,
     extra_trainable=extra_trainable,
     combine=combine,
     hotswap=hotswap,
     prepare_hotswap=prepare_hotswap,
-    learning_rate=2e-3,
+    training=Training(learning_rate=2e-3),
 )

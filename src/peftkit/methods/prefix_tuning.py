@@ -30,7 +30,7 @@ from torch import nn
 from peftkit.core.config import PeftConfig
 from peftkit.core.inject import Injection, add_modules_to_save
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.method import Call, Method
+from peftkit.core.method import AdapterHost, Call, Method, Training
 from peftkit.errors import ConfigError, TargetNotFoundError
 from peftkit.integrations import hf_inputs as hf
 
@@ -365,7 +365,7 @@ def _positions(kwargs: dict, source: torch.Tensor, for_generate: bool) -> torch.
     return torch.arange(past, past + source.shape[1], device=source.device)[None]
 
 
-def eject(peft_model: nn.Module, adapter_name: str = "default") -> None:
+def eject(peft_model: AdapterHost, adapter_name: str = "default") -> None:
     """Fold a ``prefix_projection`` adapter's MLP into its flat prefix (peft's file layout; inference as before)."""
     config = peft_model.peft_config[adapter_name]
     table = next((m for m in peft_model.modules() if isinstance(m, PrefixTable) and adapter_name in m.shapes), None)
@@ -382,10 +382,9 @@ def eject(peft_model: nn.Module, adapter_name: str = "default") -> None:
 METHOD = Method(
     name="prefix_tuning",
     config_class=PrefixTuningConfig,
-    strategy="hook",
     inject=inject,
     can_merge=False,
     merge_hint="a prefix adds key/value vectors to every attention layer, there is no weight to fold it into.",
     prepare_inputs=prepare_inputs,
-    learning_rate=3e-2,
+    training=Training(learning_rate=3e-2),
 )

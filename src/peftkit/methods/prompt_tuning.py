@@ -25,7 +25,7 @@ from torch import nn
 from peftkit.core.config import PeftConfig
 from peftkit.core.inject import Injection, add_modules_to_save
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.method import Call, Method
+from peftkit.core.method import Call, Method, Training
 from peftkit.errors import ConfigError, choices
 from peftkit.integrations import hf_inputs as hf
 
@@ -336,10 +336,9 @@ def _drop_placeholders(out: Any, longest: int) -> Any:
 METHOD = Method(
     name="prompt_tuning",
     config_class=PromptTuningConfig,
-    strategy="hook",
     inject=inject,
     can_merge=False,
     merge_hint="a soft prompt adds input vectors, there is no weight to fold it into.",
     prepare_inputs=prepare_inputs,
-    learning_rate=3e-2,
+    training=Training(learning_rate=3e-2),
 )

@@ -11,8 +11,8 @@ A checkpoint holds the adapter, the optimizer and scheduler state, every process
 in the data order (epoch, micro-batch), so ``resume=True`` continues with exactly the losses of an
 uninterrupted run.
 
-A method's ``after_training`` stage (Method.after_training) runs once: after the last step, or part-way at
-``Method.after_training_at`` of the steps (diff pruning's second stage: finalize, then train the fixed support).
+A method's ``after_training`` stage (``Method.training``) runs once: after the last step, or part-way at
+``after_training_at`` of the steps (diff pruning's second stage: finalize, then train the fixed support).
 A mid-run stage change builds a new optimizer over what trains afterwards and continues the lr schedule at the
 same step; a checkpoint written after it reloads the changed adapter from its own files on resume.
 """
@@ -184,7 +184,7 @@ class Trainer:
         self._prepare_data()
         method_config = build_method_config(config.method, config.method_args, TASK_TYPES[self.task], config.model)
         self.method = get_method(method_config.peft_type)
-        if config.fsdp and self.method.after_training:
+        if config.fsdp and self.method.training.after_training:
             raise ConfigError(
                 f"--fsdp with --method {config.method}: its after-training stage changes the adapter's tensors, "
                 "which sharded parameters do not support; train it without --fsdp (one process, or DDP with "
@@ -210,7 +210,7 @@ class Trainer:
             from peftkit.train import fsdp
 
             fsdp.shard(self.pm)
-        self.lr = config.lr or self.method.learning_rate
+        self.lr = config.lr or self.method.training.learning_rate
         self.total_steps = self._total_steps()
         self.lr_factor = lr_lambda(int(config.warmup_ratio * self.total_steps), self.total_steps, config.schedule)
         self.stage_step = self._stage_step()
@@ -275,9 +275,9 @@ class Trainer:
 
     def _stage_step(self) -> int | None:
         """The step after which the method's after_training runs part-way (None: after the last step)."""
-        if not self.method.after_training:
+        if not self.method.training.after_training:
             return None
-        step = math.floor(self.method.after_training_at * self.total_steps)
+        step = math.floor(self.method.training.after_training_at * self.total_steps)
         return step if 1 <= step < self.total_steps else None
 
     def _build_optimizer(self, step: int) -> None:
@@ -285,7 +285,11 @@ class Trainer:
         after ``step`` optimizer steps: at a mid-run stage change the schedule continues, warmup is not repeated."""
         self.params = [p for p in self.pm.parameters() if p.requires_grad]
         decay = self.config.weight_decay
-        groups = self.method.param_groups(self.pm, self.lr, decay) if self.method.param_groups else self.params
+        groups = (
+            self.method.training.param_groups(self.pm, self.lr, decay)
+            if self.method.training.param_groups
+            else self.params
+        )
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=decay)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # each group's peak rate, which the schedule scales
@@ -513,7 +517,9 @@ class Trainer:
         bar.close()
         result.train_seconds = time.perf_counter() - start
         result.peak_memory_mb = memory.megabytes
-        if self.method.after_training:  # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
+        if (
+            self.method.training.after_training
+        ):  # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
             self._after_training()
             self._record_eval(self.evaluate(), final=True)
         elif not self.history["eval_step"] or self.history["eval_step"][-1] != self.state["step"]:
@@ -523,12 +529,12 @@ class Trainer:
     def _after_training(self) -> None:
         """The method's after_training stage, once per run (a mid-run stage change already ran it)."""
         if not self.state["after_training_done"]:
-            self.method.after_training(self.pm)
+            self.method.training.after_training(self.pm)
             self.state["after_training_done"] = True
 
     def _change_stage(self, step: int) -> None:
-        """At the stage step (Method.after_training_at): the method's after_training, then a new optimizer over what
-        trains now; the lr schedule continues at ``step``."""
+        """At the stage step (``Method.training.after_training_at``): the method's after_training, then a new
+        optimizer over what trains now; the lr schedule continues at ``step``."""
         if step != self.stage_step or self.state["after_training_done"]:
             return
         self._after_training()
