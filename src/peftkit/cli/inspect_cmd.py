@@ -68,7 +68,7 @@ def _load_for_inspect(target: str, task: str) -> nn.Module:
 def _show_model(target: str, method: str, task: str, depth: int | None, args: dict[str, Any]) -> None:
     from peftkit.core.model import get_peft_model
     from peftkit.train.models import TASK_TYPES
-    from peftkit.train.trainer import build_method_config
+    from peftkit.train.setup import build_method_config
 
     model, task = _load_for_inspect(target, task)
     total = sum(p.numel() for p in model.parameters())

@@ -125,9 +125,25 @@ _TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
 
 
 def parse_value(flag_name: str, text: str, hint: Any) -> Any:
-    """Turn a flag's text into a value of the field's type, trying the union's members in a fixed order."""
+    """Turn a flag's text into a value of the field's type, trying the union's members in a fixed order:
+    None, bool, int, float, list, dict, str."""
     options = list(typing.get_args(hint)) if _is_union(hint) else [hint]
     origins = {typing.get_origin(o) or o: o for o in options}
+    for parse in (_parse_scalar, _parse_list, _parse_dict):
+        value = parse(flag_name, text, origins)
+        if value is not _UNPARSED:
+            return value
+    if str in origins:
+        return text
+    expected = " or ".join(sorted(getattr(o, "__name__", str(o)) for o in options if o is not type(None)))
+    raise ConfigError(f"{flag_name} {text!r} is not a valid {expected}. Example: {_example(options)}.")
+
+
+_UNPARSED = object()  # a parser's answer when the text is not of its kind
+
+
+def _parse_scalar(flag_name: str, text: str, origins: dict[Any, Any]) -> Any:
+    """None, a bool or a number, when the union has that member and the text reads as one."""
     lowered = text.strip().lower()
     if type(None) in origins and lowered in ("none", "null"):
         return None
@@ -139,24 +155,29 @@ def parse_value(flag_name: str, text: str, hint: Any) -> Any:
                 return kind(text)
             except ValueError:
                 pass
-    if list in origins:
-        items = _as_list(text, single_ok=str not in origins)
-        if items is not None:
-            (item_type,) = typing.get_args(origins[list]) or (str,)
-            return [parse_value(flag_name, item, item_type) for item in items]
-    if dict in origins:
-        import yaml
+    return _UNPARSED
 
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = None
-        if isinstance(value, dict):
-            return value
-    if str in origins:
-        return text
-    expected = " or ".join(sorted(getattr(o, "__name__", str(o)) for o in options if o is not type(None)))
-    raise ConfigError(f"{flag_name} {text!r} is not a valid {expected}. Example: {_example(options)}.")
+
+def _parse_list(flag_name: str, text: str, origins: dict[Any, Any]) -> Any:
+    if list not in origins:
+        return _UNPARSED
+    items = _as_list(text, single_ok=str not in origins)
+    if items is None:
+        return _UNPARSED
+    (item_type,) = typing.get_args(origins[list]) or (str,)
+    return [parse_value(flag_name, item, item_type) for item in items]
+
+
+def _parse_dict(flag_name: str, text: str, origins: dict[Any, Any]) -> Any:
+    if dict not in origins:
+        return _UNPARSED
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return _UNPARSED
+    return value if isinstance(value, dict) else _UNPARSED
 
 
 def _as_list(text: str, single_ok: bool) -> list[str] | None:

@@ -189,6 +189,31 @@ def label_names(rows: list[dict], column: str) -> list[str]:
 
 
 # ---- encoding ------------------------------------------------------------------------------------------
+@dataclass
+class Encoded:
+    """A run's data, tokenized: the columns, the class names (classification) and the encoded rows."""
+
+    columns: Columns
+    labels: list[str] | None
+    train: list[dict]
+    dev: list[dict]
+
+
+def prepare(config: TrainConfig, tokenizer) -> Encoded:
+    """Read ``config.data``, pick its columns and task, and encode both splits."""
+    train_rows, dev_rows = load_splits(config)
+    columns = detect_columns(train_rows, config)
+    length = config.max_length
+    if columns.task != "classification":
+        train, dev = (encode_causal_lm(rows, columns, tokenizer, length) for rows in (train_rows, dev_rows))
+        return Encoded(columns, None, train, dev)
+    labels = label_names(train_rows, columns.label)
+    if len(labels) < 2:
+        raise ConfigError(f"--label-column {columns.label!r} has one value only ({labels}).")
+    train, dev = (encode_classification(rows, columns, tokenizer, labels, length) for rows in (train_rows, dev_rows))
+    return Encoded(columns, labels, train, dev)
+
+
 def encode_classification(rows: list[dict], cols: Columns, tokenizer, labels: list[str], max_length: int) -> list:
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(r[cols.label]).strip() for r in rows} - set(index))

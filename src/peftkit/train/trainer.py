@@ -19,17 +19,11 @@ same step; a checkpoint written after it reloads the changed adapter from its ow
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import random
-import re
-import shutil
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,132 +31,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peftkit.core import io
-from peftkit.core.config import PeftConfig
 from peftkit.core.model import PeftModel, get_peft_model
-from peftkit.core.registry import get_method, method_names
-from peftkit.errors import CheckpointError, ConfigError, choices
+from peftkit.core.registry import get_method
+from peftkit.errors import ConfigError
+from peftkit.train import checkpoint
 from peftkit.train import data as D
 from peftkit.train.config import TrainConfig
 from peftkit.train.metrics import HIGHER_IS_BETTER, classification_metrics, lm_metrics
-from peftkit.train.models import TASK_TYPES, checkpoint_pooling, load_model, load_tokenizer, use_mean_pooling
+from peftkit.train.models import TASK_TYPES, load_tokenizer
+from peftkit.train.result import MemoryMonitor, TrainResult
+from peftkit.train.setup import (
+    best_metric,
+    build_method_config,
+    check_fsdp_method,
+    check_fsdp_settings,
+    checkpoint_activations,
+    cpu_threads,
+    lr_lambda,
+    prepare_base,
+)
 
-STATE_NAME = "trainer_state.pt"
-# Settings that may change between a run and its resumption without changing its trajectory.
-RESUMABLE_CHANGES = {"progress", "threads", "max_steps", "epochs", "early_stopping_patience", "eval_before"}
-
-
-def build_method_config(method: str, args: dict[str, Any], task_type: str | None, base_model: str) -> PeftConfig:
-    """The method's config from ``method_args``; an unknown key names the method's valid fields."""
-    try:
-        cls = get_method(method).config_class
-    except ConfigError as err:
-        names = [n.lower() for n in method_names()]
-        raise ConfigError(f"--method {method!r} is not a registered method; choose one of {choices(names)}.") from err
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(args) - fields)
-    if unknown:
-        raise ConfigError(
-            f"--method {method}: unknown settings {choices(unknown)}; {cls.__name__} has {choices(fields)}."
-        )
-    settings = {"task_type": task_type, "base_model_name_or_path": base_model, **args}
-    try:
-        return cls(**{k: v for k, v in settings.items() if k in fields})
-    except ConfigError as err:
-        named = [f"--{n.replace('_', '-')}" for n in dict.fromkeys(re.findall(r"(\w+)=", str(err))) if n in args]
-        where = f" (set by {', '.join(named)} or method_args in the YAML file)" if named else ""
-        raise ConfigError(f"--method {method}{where}: {err}") from err
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    task: str
-    before: dict[str, float] = field(default_factory=dict)
-    after: dict[str, float] = field(default_factory=dict)
-    best_step: int | None = None
-    steps: int = 0
-    train_seconds: float = 0.0
-    trainable_params: int = 0
-    total_params: int = 0
-    peak_memory_mb: float = 0.0
-    lr: float = 0.0  # the peak learning rate used (the method's default when none was given)
-    history: dict[str, list] = field(default_factory=dict)
-    labels: list[str] | None = None
-    majority: float | None = None
-    main_process: bool = True  # False on the other ranks of a distributed run
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["output_dir"] = str(self.output_dir)
-        return out
-
-
-class MemoryMonitor:
-    """Peak memory while training: CUDA's allocator peak, or on CPU the peak resident set size sampled from
-    /proc every 20 ms (minus the size at the start)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.peak = self.start = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def __enter__(self) -> MemoryMonitor:
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            self.start = self.peak = self.rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc: object) -> None:
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-
-    @property
-    def megabytes(self) -> float:
-        return max(0, self.peak - self.start) / 2**20
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Every ``nn.Dropout`` of ``model`` drops with probability ``p`` (attention dropout included: Hugging Face
-    models read it from the module). Short runs learn faster without it."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-
-
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Multiplier of the peak lr at step s: linear warmup, then linear or cosine decay to 0 (or constant)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+__all__ = ["TrainResult", "Trainer", "build_method_config", "train"]
 
 
 class Trainer:
@@ -171,40 +60,23 @@ class Trainer:
     def __init__(self, config: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None) -> None:
         from accelerate import Accelerator
 
-        _check_fsdp_settings(config)
+        check_fsdp_settings(config)
         self.config = config
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.main = self.acc.is_main_process
         self.out = Path(config.output_dir)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self._threads_before = torch.get_num_threads()  # restored when train() ends
-        torch.set_num_threads(config.threads or max(1, cores // self.acc.num_processes))
+        torch.set_num_threads(config.threads or cpu_threads(self.acc.num_processes))
         self._seed_everything(config.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self._prepare_data()
         method_config = build_method_config(config.method, config.method_args, TASK_TYPES[self.task], config.model)
         self.method = get_method(method_config.peft_type)
-        if config.fsdp and self.method.training.after_training:
-            raise ConfigError(
-                f"--fsdp with --method {config.method}: its after-training stage changes the adapter's tensors, "
-                "which sharded parameters do not support; train it without --fsdp (one process, or DDP with "
-                "torchrun / accelerate launch)."
-            )
-        base = model if model is not None else load_model(config.model, self.task, self.labels)
-        if config.pooling == "mean":
-            use_mean_pooling(base)
-        elif model is None and self.task == "classification" and checkpoint_pooling(config.model) == "mean":
-            self._say(
-                f"note: {config.model} is a sentence encoder trained on the mean of its token vectors "
-                "(1_Pooling/config.json); --pooling mean lets the classifier read that instead of [CLS]."
-            )
-        if config.model_dropout is not None:
-            set_dropout(base, config.model_dropout)
-        if getattr(base.config, "pad_token_id", None) is None:
-            base.config.pad_token_id = self.tokenizer.pad_token_id
+        check_fsdp_method(config, self.method)
+        base = prepare_base(config, self.task, self.labels, self.tokenizer, model, self._say)
         self.pm: PeftModel = get_peft_model(base, method_config)
         if config.gradient_checkpointing:
-            self._checkpoint_activations(base)
+            checkpoint_activations(base)
         self.pm.to(self.acc.device)
         if config.fsdp:  # before the optimizer: sharding replaces the parameters
             from peftkit.train import fsdp
@@ -216,11 +88,7 @@ class Trainer:
         self.stage_step = self._stage_step()
         self._build_optimizer(0)
         self._wrap_model()
-        self.metric = config.metric_for_best or ("accuracy" if self.task == "classification" else "loss")
-        if self.metric not in HIGHER_IS_BETTER:
-            raise ConfigError(
-                f"--metric-for-best {self.metric!r} is not a metric; use one of {choices(HIGHER_IS_BETTER)}."
-            )
+        self.metric = best_metric(config.metric_for_best, self.task)
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad": 0, "after_training_done": False
         }  # fmt: skip
@@ -228,38 +96,14 @@ class Trainer:
 
     # ---- setup -------------------------------------------------------------------------------------------
     @staticmethod
-    def _checkpoint_activations(base: nn.Module) -> None:
-        """Recompute activations in backward (transformers >= 5 names it activation checkpointing)."""
-        kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(base, "gradient_checkpointing_enable"):
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise ConfigError(f"--gradient-checkpointing: {type(base).__name__} does not support it; drop the flag.")
-        if hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
-
-    @staticmethod
     def _seed_everything(seed: int) -> None:
         random.seed(seed)
         torch.manual_seed(seed)
 
     def _prepare_data(self) -> None:
-        train_rows, dev_rows = D.load_splits(self.config)
-        self.columns = D.detect_columns(train_rows, self.config)
-        self.task = self.columns.task
-        length = self.config.max_length
-        if self.task == "classification":
-            self.labels = D.label_names(train_rows, self.columns.label)
-            if len(self.labels) < 2:
-                raise ConfigError(f"--label-column {self.columns.label!r} has one value only ({self.labels}).")
-            self.train_set = D.encode_classification(train_rows, self.columns, self.tokenizer, self.labels, length)
-            self.dev_set = D.encode_classification(dev_rows, self.columns, self.tokenizer, self.labels, length)
-        else:
-            self.labels = None
-            self.train_set = D.encode_causal_lm(train_rows, self.columns, self.tokenizer, length)
-            self.dev_set = D.encode_causal_lm(dev_rows, self.columns, self.tokenizer, length)
+        data = D.prepare(self.config, self.tokenizer)
+        self.columns, self.task, self.labels = data.columns, data.columns.task, data.labels
+        self.train_set, self.dev_set = data.train, data.dev
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         c = self.config
@@ -358,84 +202,19 @@ class Trainer:
         patience = self.config.early_stopping_patience
         return patience is not None and self.state["bad"] >= patience
 
-    # ---- checkpoints ---------------------------------------------------------------------------------------
-    def _rng_state(self) -> dict[str, Any]:
-        return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
+    # ---- checkpoints (peftkit.train.checkpoint) -----------------------------------------------------------
     def save_checkpoint(self) -> None:
-        from accelerate.utils import gather_object
-
-        rngs = gather_object([self._rng_state()])  # every process's RNG, so dropout resumes exactly
-        if not self.main:
-            return
-        folder = self.out / "checkpoints" / f"step-{self.state['step']:07d}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.pm.save_pretrained(tmp)
-        state = {
-            "state": self.state,
-            "history": self.history,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rngs,
-            "config": self.config.to_dict(),
-        }
-        live = self.pm.adapter_state_dict(self.pm.active_adapter)
-        # the file just written, read back (building the file layout again would redo diff pruning's projection)
-        written = io.from_file_keys(io.load_tensors(io.adapter_dir(tmp, self.pm.active_adapter)))
-        if {k: v.shape for k, v in live.items()} != {k: v.shape for k, v in written.items()}:
-            # The file holds another layout than training does (diff pruning's gated state is saved as a sparse
-            # delta): keep the live tensors too, so that resuming continues from them exactly.
-            state["adapter"] = {k: v.detach().clone() for k, v in live.items()}
-        torch.save(state, tmp / STATE_NAME)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        for old in sorted((self.out / "checkpoints").glob("step-???????"))[: -self.config.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.save_checkpoint(self)
 
     def load_checkpoint(self, folder: Path) -> None:
-        saved = torch.load(folder / STATE_NAME, weights_only=True)
-        changed = sorted(
-            k for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and getattr(self.config, k) != v
-        )
-        if changed:
-            raise ConfigError(
-                f"--resume: settings differ from the checkpoint's run in {choices(changed)}; resume with the same "
-                f"settings (they are in {self.out / 'train_config.yaml'})."
-            )
-        self._restore_adapter(folder, saved)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.state, self.history = saved["state"], saved["history"]
-        self.state.setdefault("after_training_done", False)  # checkpoints written before the key existed
-        rng = saved["rng"][self.acc.process_index]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_python_state(rng["python"]))
-
-    def _restore_adapter(self, folder: Path, saved: dict[str, Any]) -> None:
-        """The checkpoint's adapter into this run, before its optimizer state is loaded."""
-        if saved["state"].get("after_training_done"):
-            # The stage changed the adapter's tensors (e.g. a fixed sparse support): reload it from its files,
-            # then build the later stage's optimizer, into which the saved state goes.
-            name = self.pm.active_adapter
-            self.pm.delete_adapter(name)
-            self.pm.load_adapter(io.adapter_dir(folder, name), name, is_trainable=True)
-            self.pm.set_adapter(name)
-            self._build_optimizer(saved["state"]["step"])
-            self._wrap_model()
-        if "adapter" in saved:  # the live tensors, when the files hold another layout
-            self._copy_adapter(saved["adapter"], folder)
-        elif not saved["state"].get("after_training_done"):
-            self.load_adapter_weights(folder)
+        checkpoint.load_checkpoint(self, folder)
 
     def latest_checkpoint(self) -> Path:
-        found = sorted((self.out / "checkpoints").glob("step-???????"))
-        if not found:
-            raise CheckpointError(
-                f"--resume: no checkpoint in {self.out / 'checkpoints'}; train with --save-steps N first, "
-                "or drop --resume to start afresh."
-            )
-        return found[-1]
+        return checkpoint.latest_checkpoint(self.out)
+
+    def load_adapter_weights(self, folder: Path) -> None:
+        """Copy the adapter saved in ``folder`` (a checkpoint, the best one) into this run's parameters."""
+        checkpoint.load_adapter_weights(self, folder)
 
     # ---- training --------------------------------------------------------------------------------------------
     def _step(self, micro: list[list[int]]) -> float:
@@ -476,55 +255,65 @@ class Trainer:
             torch.set_num_threads(self._threads_before)
 
     def _train(self, resume: bool) -> TrainResult:
-        c = self.config
-        if resume:
-            self.load_checkpoint(self.latest_checkpoint())
-        elif self.main:
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            shutil.rmtree(self.out / "best", ignore_errors=True)
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            c.save_yaml(self.out / "train_config.yaml")
+        self._start(resume)
         result = self._result()
-        if not resume and c.eval_before:
+        if not resume and self.config.eval_before:
             self._record_eval(self.evaluate())
         if self.history["eval_step"][:1] == [0]:
             result.before = self.history["eval"][0]
             self._say(f"dev before training: {_fmt(result.before)}")
         start = time.perf_counter()
-        bar = tqdm(
-            total=self.total_steps, initial=self.state["step"], desc=f"train {c.method}", disable=not self._bars()
-        )
-        stop = False
         with MemoryMonitor(self.acc.device) as memory:
-            while self.state["step"] < self.total_steps and not stop:
-                micro = self._next_micro()
-                if micro is None:
-                    raise ConfigError("The training data yields no batch; lower --batch-size or add rows.")
-                loss = self._step(micro)
-                self.state["step"] += 1
-                step = self.state["step"]
-                self.history["step"].append(step)
-                self.history["train_loss"].append(loss)
-                self.history["lr"].append(self.scheduler.get_last_lr()[0])
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.history['lr'][-1]:.2e}")
-                self._change_stage(step)
-                if c.eval_steps and step % c.eval_steps == 0 and step < self.total_steps:
-                    stop = self._record_eval(self.evaluate())
-                if c.save_steps and step % c.save_steps == 0:
-                    self.save_checkpoint()
-        bar.close()
+            self._loop()
         result.train_seconds = time.perf_counter() - start
         result.peak_memory_mb = memory.megabytes
-        if (
-            self.method.training.after_training
-        ):  # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
+        if self.method.training.after_training:
+            # e.g. diff pruning's finalize: what it leaves is what is evaluated and saved
             self._after_training()
             self._record_eval(self.evaluate(), final=True)
         elif not self.history["eval_step"] or self.history["eval_step"][-1] != self.state["step"]:
             self._record_eval(self.evaluate())
         return self._finish(result)
+
+    def _start(self, resume: bool) -> None:
+        """Continue from the latest checkpoint, or clear what a previous run left; record the settings."""
+        if resume:
+            self.load_checkpoint(self.latest_checkpoint())
+        elif self.main:
+            checkpoint.clear_previous_run(self.out)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.config.save_yaml(self.out / "train_config.yaml")
+
+    def _loop(self) -> None:
+        """Optimizer steps until the last one, or until early stopping says stop."""
+        step, method = self.state["step"], self.config.method
+        bar = tqdm(total=self.total_steps, initial=step, desc=f"train {method}", disable=not self._bars())
+        stop = False
+        while self.state["step"] < self.total_steps and not stop:
+            micro = self._next_micro()
+            if micro is None:
+                raise ConfigError("The training data yields no batch; lower --batch-size or add rows.")
+            stop = self._after_step(self._step(micro), bar)
+        bar.close()
+
+    def _after_step(self, loss: float, bar: tqdm) -> bool:
+        """Record the step; stage change, evaluation and checkpoint when due. True when early stopping says stop."""
+        c = self.config
+        self.state["step"] += 1
+        step = self.state["step"]
+        self.history["step"].append(step)
+        self.history["train_loss"].append(loss)
+        self.history["lr"].append(self.scheduler.get_last_lr()[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.history['lr'][-1]:.2e}")
+        self._change_stage(step)
+        stop = False
+        if c.eval_steps and step % c.eval_steps == 0 and step < self.total_steps:
+            stop = self._record_eval(self.evaluate())
+        if c.save_steps and step % c.save_steps == 0:
+            self.save_checkpoint()
+        return stop
 
     def _after_training(self) -> None:
         """The method's after_training stage, once per run (a mid-run stage change already ran it)."""
@@ -573,24 +362,6 @@ class Trainer:
         elif self.main:
             self.pm.save_pretrained(folder)
 
-    def load_adapter_weights(self, folder: Path) -> None:
-        """Copy the adapter saved in ``folder`` (a checkpoint, the best one) into this run's parameters."""
-        self._copy_adapter(io.from_file_keys(io.load_tensors(folder)), folder)
-
-    def _copy_adapter(self, tensors: dict[str, torch.Tensor], folder: Path) -> None:
-        """Copy ``tensors`` (model-relative names, the live layout) into the active adapter's parameters."""
-        params = self.pm.adapter_state_dict(self.pm.active_adapter)
-        if set(tensors) != set(params):
-            raise CheckpointError(f"{folder} holds another adapter than this run builds (another method or settings).")
-        if self.config.fsdp:  # each process keeps its shard of the saved tensors
-            from peftkit.train import fsdp
-
-            fsdp.load_adapter_tensors(params, tensors)
-            return
-        with torch.no_grad():
-            for key, param in params.items():
-                param.copy_(tensors[key])
-
     def _result(self) -> TrainResult:
         trainable, total = self.pm.get_nb_trainable_parameters()
         majority = None
@@ -616,27 +387,8 @@ class Trainer:
             tqdm.write(text)
 
 
-def _check_fsdp_settings(config: TrainConfig) -> None:
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise ConfigError(
-            "accelerate launch --use_fsdp: peftkit shards the model itself (FSDP2, one unit per transformer block); "
-            "launch without --use_fsdp and pass --fsdp to peftkit train."
-        )
-    if config.fsdp and config.save_steps:
-        raise ConfigError(
-            f"--fsdp with --save-steps {config.save_steps}: resumable checkpoints (optimizer state) are not written "
-            "under FSDP; drop --save-steps (the best and final adapters are still saved)."
-        )
-
-
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _as_python_state(state: Any) -> tuple:
-    """random.setstate needs tuples; a saved state may come back with lists."""
-    version, internal, gauss = state
-    return (version, tuple(internal), gauss)
 
 
 def train(

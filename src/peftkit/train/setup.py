@@ -1,0 +1,141 @@
+"""What a training run builds before its first step: the method's config from the flags, the base model's dropout
+and activation checkpointing, the learning-rate schedule, and the checks of distributed settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from peftkit.core.config import PeftConfig
+from peftkit.core.method import Method
+from peftkit.core.registry import get_method, method_names
+from peftkit.errors import ConfigError, choices
+from peftkit.train.config import TrainConfig
+from peftkit.train.metrics import HIGHER_IS_BETTER
+from peftkit.train.models import checkpoint_pooling, load_model, use_mean_pooling
+
+
+def build_method_config(method: str, args: dict[str, Any], task_type: str | None, base_model: str) -> PeftConfig:
+    """The method's config from ``method_args``; an unknown key names the method's valid fields."""
+    try:
+        cls = get_method(method).config_class
+    except ConfigError as err:
+        names = [n.lower() for n in method_names()]
+        raise ConfigError(f"--method {method!r} is not a registered method; choose one of {choices(names)}.") from err
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise ConfigError(
+            f"--method {method}: unknown settings {choices(unknown)}; {cls.__name__} has {choices(fields)}."
+        )
+    settings = {"task_type": task_type, "base_model_name_or_path": base_model, **args}
+    try:
+        return cls(**{k: v for k, v in settings.items() if k in fields})
+    except ConfigError as err:
+        named = [f"--{n.replace('_', '-')}" for n in dict.fromkeys(re.findall(r"(\w+)=", str(err))) if n in args]
+        where = f" (set by {', '.join(named)} or method_args in the YAML file)" if named else ""
+        raise ConfigError(f"--method {method}{where}: {err}") from err
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every ``nn.Dropout`` of ``model`` drops with probability ``p`` (attention dropout included: Hugging Face
+    models read it from the module). Short runs learn faster without it."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def checkpoint_activations(base: nn.Module) -> None:
+    """Recompute activations in backward (transformers >= 5 names it activation checkpointing)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"--gradient-checkpointing: {type(base).__name__} does not support it; drop the flag.")
+    if hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the peak lr at step s: linear warmup, then linear or cosine decay to 0 (or constant)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def check_fsdp_settings(config: TrainConfig) -> None:
+    """Refuse accelerate's own FSDP and resumable checkpoints under --fsdp, before anything is loaded."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError(
+            "accelerate launch --use_fsdp: peftkit shards the model itself (FSDP2, one unit per transformer block); "
+            "launch without --use_fsdp and pass --fsdp to peftkit train."
+        )
+    if config.fsdp and config.save_steps:
+        raise ConfigError(
+            f"--fsdp with --save-steps {config.save_steps}: resumable checkpoints (optimizer state) are not written "
+            "under FSDP; drop --save-steps (the best and final adapters are still saved)."
+        )
+
+
+def check_fsdp_method(config: TrainConfig, method: Method) -> None:
+    """--fsdp cannot run a method whose after-training stage replaces the adapter's tensors."""
+    if config.fsdp and method.training.after_training:
+        raise ConfigError(
+            f"--fsdp with --method {config.method}: its after-training stage changes the adapter's tensors, "
+            "which sharded parameters do not support; train it without --fsdp (one process, or DDP with "
+            "torchrun / accelerate launch)."
+        )
+
+
+def prepare_base(
+    config: TrainConfig,
+    task: str,
+    labels: list[str] | None,
+    tokenizer: Any,
+    model: nn.Module | None,
+    say: Callable[[str], None],
+) -> nn.Module:
+    """The base model (``model``, or ``config.model`` loaded with a head for ``labels``) with the run's pooling,
+    dropout and padding token."""
+    base = model if model is not None else load_model(config.model, task, labels)
+    if config.pooling == "mean":
+        use_mean_pooling(base)
+    elif model is None and task == "classification" and checkpoint_pooling(config.model) == "mean":
+        say(
+            f"note: {config.model} is a sentence encoder trained on the mean of its token vectors "
+            "(1_Pooling/config.json); --pooling mean lets the classifier read that instead of [CLS]."
+        )
+    if config.model_dropout is not None:
+        set_dropout(base, config.model_dropout)
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+def cpu_threads(processes: int) -> int:
+    """torch's CPU threads per process by default: the cores this process may use, shared by the processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes)
+
+
+def best_metric(name: str | None, task: str) -> str:
+    """The dev metric that picks the best adapter: ``name``, or accuracy (classification) / loss (causal LM)."""
+    metric = name or ("accuracy" if task == "classification" else "loss")
+    if metric not in HIGHER_IS_BETTER:
+        raise ConfigError(f"--metric-for-best {metric!r} is not a metric; use one of {choices(HIGHER_IS_BETTER)}.")
+    return metric
