@@ -25,11 +25,12 @@ from peftkit import (
 @dataclass(frozen=True)
 class Case:
     config: Callable[[str], object]  # model kind -> config
-    models: tuple[str, ...] = ("bert", "llama")
+    models: tuple[str, ...] = ("bert", "llama", "gpt2", "t5")
     identity_at_init: bool = True  # prompt methods are exempt
 
 
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "t5": ["q", "v"]}
+FINAL_NORMS = {"bert": "embeddings", "llama": "norm", "gpt2": "ln_f", "t5": "final_layer_norm"}
 TASKS = {"bert": "SEQ_CLS", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}
 
 CASES: dict[str, Case] = {
@@ -43,14 +44,16 @@ CASES: dict[str, Case] = {
         lambda kind: PrefixTuningConfig(num_virtual_tokens=3, task_type=TASKS[kind]), identity_at_init=False
     ),
     "IA3": Case(lambda kind: IA3Config(task_type=TASKS[kind])),  # peft's defaults: key, value, feed-forward
-    "BITFIT": Case(lambda kind: BitFitConfig(add_missing_bias=kind == "llama", task_type=TASKS[kind])),
+    # Llama and T5 have no biases in their Linear layers: BitFit adds them (zero at init)
+    "BITFIT": Case(lambda kind: BitFitConfig(add_missing_bias=kind in ("llama", "t5"), task_type=TASKS[kind])),
     # the last block, plus the embeddings (BERT: position ids are one row shared by the batch) / the final norm
     "FREEZE": Case(
-        lambda kind: LayerFreezeConfig(
-            trainable_layers=1,
-            trainable_modules=["embeddings"] if kind == "bert" else ["norm"],
-            task_type=TASKS[kind],
+        lambda kind: LayerFreezeConfig(trainable_layers=1, trainable_modules=[FINAL_NORMS[kind]], task_type=TASKS[kind])
+    ),
+    # GPT-2 and T5 tie their embeddings to the LM head (a merge would change both): the attention projections there
+    "DIFF": Case(
+        lambda kind: DiffPruningConfig(
+            target_modules="all" if kind in ("bert", "llama") else TARGETS[kind], task_type=TASKS[kind]
         )
     ),
-    "DIFF": Case(lambda kind: DiffPruningConfig(target_modules="all", task_type=TASKS[kind])),
 }

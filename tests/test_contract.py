@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cases import CASES
-from models import batch, build, clone, output, perturb
+from models import BUILDERS, batch, build, clone, output, perturb
 from peftkit import BASE, PeftModel, get_peft_model, method_names
+from peftkit.core.io import to_file_keys
 from peftkit.core.registry import get_method
-from peftkit.errors import AdapterNotFoundError, MergeError
+from peftkit.errors import AdapterNotFoundError, CheckpointError, MergeError
 
 PARAMS = [(m, kind) for m in method_names() if m in CASES for kind in CASES[m].models]
 IDS = [f"{m}-{kind}" for m, kind in PARAMS]
@@ -132,3 +134,94 @@ def test_per_row_adapter_names(method, kind):
         rows = [i for i, n in enumerate(names) if n == name]
         torch.testing.assert_close(mixed[rows], alone[rows], atol=TOL, rtol=0)
     torch.testing.assert_close(mixed[[2]], output(reference, inputs)[[2]], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(("method", "kind"), PARAMS, ids=IDS)
+def test_checkpoint_holds_exactly_the_trainable_tensors(method, kind, tmp_path):
+    pm, _ = make(method, kind)
+    trainable = {id(p) for p in pm.parameters() if p.requires_grad}
+    state = pm.adapter_state_dict("default")
+    saved_params = {id(t) for t in state.values() if isinstance(t, torch.nn.Parameter)}
+    assert saved_params == trainable, "the adapter's parameters and the trainable ones differ"
+    pm.save_pretrained(tmp_path)
+    on_disk = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert on_disk == set(to_file_keys(pm.adapter_state_dict("default", for_file=True)))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(
+        n for n in ("adapter_config.json", "adapter_model.safetensors", "README.md") if (tmp_path / n).exists()
+    )
+
+
+def _snapshot(pm) -> tuple[dict, list[str], str, list[str]]:
+    tensors = {k: v.detach().clone() for k, v in pm.state_dict().items()}
+    grads = [n for n, p in pm.named_parameters() if p.requires_grad]
+    return tensors, list(pm.peft_config), repr(pm), grads
+
+
+@pytest.mark.parametrize(("method", "kind"), PARAMS, ids=IDS)
+def test_failed_load_adapter_leaves_the_model_unchanged(method, kind, tmp_path):
+    pm, _ = make(method, kind)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = torch.cat([tensors[key], tensors[key]])  # one tensor of another shape
+    save_file(tensors, str(path))
+    before = _snapshot(pm)
+    inputs = batch(kind)
+    expected = output(pm, inputs)
+    with pytest.raises(CheckpointError):
+        pm.load_adapter(tmp_path, adapter_name="other")
+    tensors_after, names, structure, grads = _snapshot(pm)
+    assert (names, structure, grads) == before[1:]
+    assert tensors_after.keys() == before[0].keys()
+    assert all(torch.equal(tensors_after[k], v) for k, v in before[0].items())
+    torch.testing.assert_close(output(pm, inputs), expected, atol=0, rtol=0)
+
+
+DECODERS = [(m, kind) for m, kind in PARAMS if kind in ("llama", "gpt2")]
+
+
+@pytest.mark.parametrize(("method", "kind"), DECODERS, ids=[f"{m}-{k}" for m, k in DECODERS])
+def test_generate_runs_and_disabling_gives_the_base_model(method, kind):
+    pm, reference = make(method, kind)
+    ids = batch(kind, rows=2)["input_ids"]
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        tokens = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        expected = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+        with pm.disable_adapter():
+            disabled = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
+    assert tokens.shape == expected.shape == (2, ids.shape[1] + 4)
+    assert torch.equal(tokens[:, : ids.shape[1]], ids)
+    assert torch.equal(disabled, expected)
+
+
+@pytest.mark.parametrize(("method", "kind"), PARAMS, ids=IDS)
+def test_loaded_adapter_reproduces_the_saved_model_with_dropout(method, kind, tmp_path):
+    """peft loads for inference (eval mode, frozen) unless is_trainable=True; dropout must not stay on."""
+    base = BUILDERS[kind]().train()
+    reference = clone(base)
+    pm = get_peft_model(base, CASES[method].config(kind))
+    perturb(pm, "default")
+    inputs = batch(kind)
+    expected = output(pm.eval(), inputs)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(reference.train(), tmp_path)
+    assert not loaded.training
+    torch.testing.assert_close(output(loaded, inputs), expected, atol=TOL, rtol=0)
+
+
+MERGEABLE = [(m, kind) for m, kind in PARAMS if get_method(m).can_merge]
+
+
+@pytest.mark.parametrize(("method", "kind"), MERGEABLE, ids=[f"{m}-{k}" for m, k in MERGEABLE])
+def test_merge_and_unload_merges_exactly_the_named_subset(method, kind):
+    pm, _ = make(method, kind)
+    inputs = batch(kind)
+    only_default = output(pm, inputs)
+    pm.add_adapter("b", CASES[method].config(kind))
+    perturb(pm, "b", seed=7)
+    pm.set_adapter(["default", "b"])
+    assert not torch.allclose(output(pm, inputs), only_default, atol=1e-4), "adapter b had no effect"
+    plain = pm.merge_and_unload(adapter_names=["default"])
+    torch.testing.assert_close(output(plain, inputs), only_default, atol=TOL, rtol=0)
