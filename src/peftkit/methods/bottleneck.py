@@ -14,12 +14,14 @@ Presets: "houlsby" adapts the attention output and the feed-forward output (swis
 feed-forward output only (relu, k = d/16); "parallel" sits beside the feed-forward block (relu, k = d/2, s = 4).
 ``init_weights="identity"`` zeroes the up-projection, so the adapted model starts equal to the base model.
 
-Adapters attach by name, never by copying model code: ``PLACEMENTS`` tells, per ``model_type``, which modules
-are the attention output and the feed-forward output (and, for parallel adapters, the blocks whose input they
-read, captured with a forward pre-hook); the config's ``*_modules`` fields give them for any other nn.Module.
+Adapters attach by name, never by copying model code: ``PLACEMENTS`` (methods/bottleneck_placements.py) tells, per
+``model_type``, which modules are the attention output and the feed-forward output (and, for parallel adapters,
+the blocks whose input they read, captured with a forward pre-hook); the config's ``*_modules`` fields give them
+for any other nn.Module.
 An adapter is a new non-linear layer, so it cannot be folded into a weight: ``merge_adapter`` raises.
 Several adapters compose at every layer with Stack / Average / Fusion (core/compose.py); a fusion adapter
-(``fusion_of=[...]``) holds AdapterFusion's query, key and value (Pfeiffer et al. 2021, section 3.2).
+(``fusion_of=[...]``) holds AdapterFusion's query, key and value (Pfeiffer et al. 2021, section 3.2;
+methods/bottleneck_fusion.py).
 Compacter (methods/compacter.py) reuses this layer with PHM projections.
 """
 
@@ -35,10 +37,13 @@ from torch import nn
 from peftkit.core.compose import Average, Composition, Fusion, Stack
 from peftkit.core.inject import Injection, add_modules_to_save
 from peftkit.core.layer import AdapterLayer
-from peftkit.core.merge import adapter_layers
 from peftkit.core.method import Method, Training
-from peftkit.core.targeting import TargetingConfig, find_targets, is_conv1d_gpt2, model_type
-from peftkit.errors import ConfigError, TargetNotFoundError, choices
+from peftkit.core.targeting import TargetingConfig
+from peftkit.errors import ConfigError, choices
+from peftkit.methods.bottleneck_fusion import FusionLayer, fusion_sites
+from peftkit.methods.bottleneck_placements import PLACEMENTS as PLACEMENTS  # re-exported: importable from here too
+from peftkit.methods.bottleneck_placements import Placement as Placement
+from peftkit.methods.bottleneck_placements import features, sites
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 INIT_CHOICES = ("identity", "bert")
@@ -48,47 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "parallel": dict(mh_adapter=False, output_adapter=True, parallel=True, reduction_factor=2, non_linearity="relu"),
 }
 PRESET_SCALING = {False: 1.0, True: 4.0}  # sequential, parallel (He et al. 2022 use s = 4)
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Regexes over full module names: the attention and feed-forward output projections (where adapters go)
-    and the attention and feed-forward blocks (whose input a parallel adapter reads)."""
-
-    attention_output: str
-    ffn_output: str
-    attention: str
-    ffn: str
-
-
-_BERT = Placement(
-    r".*\.layer\.\d+\.attention\.output\.dense",
-    r".*\.layer\.\d+\.output\.dense",
-    r".*\.layer\.\d+\.attention",
-    r".*\.layer\.\d+\.intermediate",
-)
-_LLAMA = Placement(
-    r".*\.layers\.\d+\.self_attn\.o_proj", r".*\.layers\.\d+\.mlp\.down_proj", r".*\.layers\.\d+\.self_attn",
-    r".*\.layers\.\d+\.mlp",
-)  # fmt: skip
-_CLIP = Placement(
-    r".*\.layers\.\d+\.self_attn\.out_proj", r".*\.layers\.\d+\.mlp\.fc2", r".*\.layers\.\d+\.self_attn",
-    r".*\.layers\.\d+\.mlp",
-)  # fmt: skip
-PLACEMENTS: dict[str, Placement] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra"], _BERT),
-    "gpt2": Placement(r".*\.h\.\d+\.attn\.c_proj", r".*\.h\.\d+\.mlp\.c_proj", r".*\.h\.\d+\.attn", r".*\.h\.\d+\.mlp"),
-    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"], _LLAMA),
-    **dict.fromkeys(["t5", "mt5"], Placement(
-        r".*\.layer\.\d+\.(SelfAttention|EncDecAttention)\.o", r".*\.layer\.\d+\.DenseReluDense\.wo",
-        r".*\.layer\.\d+\.(SelfAttention|EncDecAttention)", r".*\.layer\.\d+\.DenseReluDense",
-    )),
-    "whisper": Placement(
-        r".*\.layers\.\d+\.(self_attn|encoder_attn)\.out_proj", r".*\.layers\.\d+\.fc2",
-        r".*\.layers\.\d+\.(self_attn|encoder_attn)", r".*\.layers\.\d+\.fc1",
-    ),
-    **dict.fromkeys(["clip", "clip_text_model", "clip_vision_model"], _CLIP),
-}  # fmt: skip
 
 
 def _names_help(what: str) -> dict[str, str]:
@@ -223,39 +187,6 @@ class _Tap:
         return {**self.__dict__, "x": None}
 
 
-class _FusionLayer(nn.Module):
-    """AdapterFusion at one layer (Pfeiffer et al. 2021, section 3.2): query from the layer's output h, keys and
-    values from the adapters' contributions d_i = adapter_i(h) - h:
-
-        a = softmax_i(Q(h) . K(h + d_i)),   out = h + sum_i a_i V(d_i)      V = I at init: out = h + mean_i d_i
-    """
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        with torch.no_grad():
-            for lin in (self.query, self.key):
-                lin.weight.normal_(0.0, 0.02)
-                lin.bias.zero_()
-            self.value.weight.copy_(torch.eye(d))
-            self.value.bias.zero_()
-
-    def forward(self, h: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
-        deltas = torch.stack([o - h for o in outputs], dim=-2)  # (..., n, d)
-        keys = self.key(deltas + h.unsqueeze(-2))  # (..., n, d)
-        scores = (keys @ self.query(h).unsqueeze(-1)).squeeze(-1)  # (..., n)
-        weights = scores.softmax(dim=-1)
-        return h + (weights.unsqueeze(-1) * self.value(deltas)).sum(dim=-2)  # (..., d)
-
-
-def features(module: nn.Module) -> tuple[int, int] | None:
-    """(input width, output width) of a Linear-like module, else None."""
-    if is_conv1d_gpt2(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    d_in, d_out = getattr(module, "in_features", None), getattr(module, "out_features", None)
-    return (d_in, d_out) if isinstance(d_in, int) and isinstance(d_out, int) else None
-
-
 class BottleneckLayer(AdapterLayer):
     """Adapters on a wrapped module's output. Holds bottleneck adapters, Compacter adapters (``compacter_*``,
     PHM projections and the shared rule) and fusion layers; runs plain lists, compositions and per-row routing."""
@@ -283,7 +214,7 @@ class BottleneckLayer(AdapterLayer):
         dtype = weight.dtype if weight is not None and weight.dtype == torch.float64 else torch.float32
         device = weight.device if weight is not None else None
         if config.fusion_of:
-            self.bottleneck_fusion[adapter_name] = _FusionLayer(dims[1]).to(device=device, dtype=dtype)
+            self.bottleneck_fusion[adapter_name] = FusionLayer(dims[1]).to(device=device, dtype=dtype)
             self.fusion_of[adapter_name] = list(config.fusion_of)
             return
         parallel = bool(config.setting("parallel"))
@@ -411,67 +342,6 @@ class BottleneckLayer(AdapterLayer):
 
 
 # ---- attaching ----------------------------------------------------------------------------------------------
-SUPPORTED = "Linear, GPT-2 Conv1D, or any module with in_features / out_features"
-
-
-def _placement(model: nn.Module, config: BottleneckConfig, field_name: str, attr: str) -> list[str] | str:
-    given = getattr(config, field_name)
-    if given is not None:
-        return given
-    kind = model_type(model)
-    if kind in PLACEMENTS:
-        return getattr(PLACEMENTS[kind], attr)
-    raise ConfigError(
-        f"{type(config).__name__} has no built-in placement for model type {kind!r} (built in: "
-        f"{choices(PLACEMENTS)}). Name the modules: {field_name}=[...] (a list of names or suffixes, or a regex), "
-        "or give target_modules=[...] to put one adapter after each named module."
-    )
-
-
-def _find(model: nn.Module, config: BottleneckConfig, spec: list[str] | str, any_module: bool) -> list[str]:
-    supported = (lambda m: True) if any_module else (lambda m: features(m) is not None)
-    return find_targets(model, config.replace(target_modules=spec), supported, supported_label=SUPPORTED)
-
-
-def _pair(name: str, blocks: list[str], field_name: str) -> str:
-    """The block beside ``name``: the one sharing the longest dotted prefix with it."""
-
-    def shared(block: str) -> int:
-        a, b = name.split("."), block.split(".")
-        return next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
-
-    best = max(blocks, key=shared, default=None)
-    if best is None or shared(best) < len(name.split(".")) - 3:
-        raise ConfigError(
-            f"No block of {field_name} sits beside {name!r} (found: {blocks[:4]!r}); a parallel adapter reads that "
-            f"block's input. Set {field_name}=[...] to the block that feeds {name!r}."
-        )
-    return best
-
-
-def sites(model: nn.Module, config: BottleneckConfig) -> list[tuple[str, str | None]]:
-    """(module whose output gets an adapter, block whose input a parallel adapter reads, or None)."""
-    if config.target_modules is not None:
-        return [(name, None) for name in _find(model, config, config.target_modules, any_module=False)]
-    parallel = config.setting("parallel")
-    out: list[tuple[str, str | None]] = []
-    for enabled, out_field, block_field in (
-        (config.setting("mh_adapter"), "attention_output_modules", "attention_modules"),
-        (config.setting("output_adapter"), "ffn_output_modules", "ffn_modules"),
-    ):
-        if not enabled:
-            continue
-        attr = out_field.removesuffix("_modules")
-        names = _find(model, config, _placement(model, config, out_field, attr), any_module=False)
-        if not parallel:
-            out.extend((n, None) for n in names)
-            continue
-        block_spec = _placement(model, config, block_field, block_field.removesuffix("_modules"))
-        blocks = _find(model, config, block_spec, any_module=True)
-        out.extend((n, _pair(n, blocks, block_field)) for n in names)
-    return out
-
-
 def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[BottleneckLayer]:
     """Attach one adapter (or fusion layer) as a transaction; returns the layers that received it."""
     if config.fusion_of:
@@ -487,16 +357,9 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> lis
 
 
 def _inject_fusion(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> list[BottleneckLayer]:
-    wanted = set(config.fusion_of)
-    found = [(n, m) for n, m in adapter_layers(model) if isinstance(m, BottleneckLayer) and wanted <= set(m.settings)]
-    if not found:
-        present = sorted({a for _, m in adapter_layers(model) if isinstance(m, BottleneckLayer) for a in m.settings})
-        raise TargetNotFoundError(
-            f"fusion_of={config.fusion_of!r}: no layer holds all of these adapters (adapters present: "
-            f"{choices(present) or 'none'}). Add (and train) them first, at the same placement."
-        )
+    found = fusion_sites(model, config.fusion_of, BottleneckLayer)
     with Injection(model, adapter_name) as inj:
-        layers = [inj.wrap(name, BottleneckLayer, config) for name, _ in found]
+        layers = [inj.wrap(name, BottleneckLayer, config) for name in found]
         add_modules_to_save(model, config, inj)
     return layers
 

@@ -14,6 +14,11 @@ For L transformer layers with two adapters each (Houlsby placement) this makes (
 Checkpoint layout: each layer saves ``compacter_down.phm_s``, ``compacter_down.phm_t``, ``compacter_down.bias`` and
 the same for ``compacter_up``; the shared rule A (n, n, n) is saved once, under the first adapted module:
 ``base_model.model.<first module>.compacter_rule.phm_rule``. Loading points every layer at that one tensor.
+
+This is the one method module that imports another (methods/bottleneck.py): a Compacter adapter *is* a bottleneck
+adapter with other projections, so it extends BottleneckConfig, lives in BottleneckLayer (which runs both kinds, so
+that they stack and fuse together) and uses bottleneck's placement. Moving that into core would make core name a
+method; copying it would fork the placement and the composition logic.
 """
 
 from __future__ import annotations
