@@ -1,4 +1,4 @@
-"""LoRA (methods/lora.py) checked against its formula written out by hand.
+"""LoRA (methods/lora/) checked against its formula written out by hand.
 
 h = W x + b + s * B A x, s = alpha / r (rsLoRA: alpha / sqrt(r)); merged W' = W + s * B A (transposed for
 GPT-2's Conv1D, whose weight is stored (in, out)). Embedding: A is a table looked up by id; convolutions: A is a

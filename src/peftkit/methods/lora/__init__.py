@@ -1,0 +1,56 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+A frozen weight W gets a trainable low-rank update (section 4.1, eq. 3):
+
+    h = W x + (alpha / r) * B A x          A: (r, in), B: (out, r), B = 0 at init so h = W x
+
+rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead, which keeps the update's magnitude stable as r
+grows. Merging is ``W += s * B A`` and its exact inverse ``W -= s * B A``.
+
+Layers: nn.Linear and GPT-2's Conv1D (weight stored transposed, "fan_in_fan_out"), nn.Embedding (A acts as
+an embedding table, as in peft), and nn.Conv1d / nn.Conv2d, where A is a convolution with the base layer's
+kernel, stride and padding and B a 1x1 convolution, so ΔW[o, i, ...] = s * sum_r B[o, r] A[r, i, ...].
+
+The package: ``config`` (LoraConfig), ``layers`` (LoraLayer, Linear / GPT-2 Conv1D, Embedding), ``conv``
+(Conv1d/2d/3d), ``attach`` (which modules are wrapped, ``bias=``), ``arithmetic`` (add_weighted_adapter) and
+``hotswap`` (in-place checkpoint swaps).
+"""
+
+from __future__ import annotations
+
+from peftkit.core.method import Method, Training
+from peftkit.methods.lora import arithmetic, hotswap
+from peftkit.methods.lora.attach import SUPPORTED, dispatch, extra_trainable, inject
+from peftkit.methods.lora.config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
+from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
+from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, factors_of
+
+__all__ = [
+    "BIAS_CHOICES",
+    "INIT_CHOICES",
+    "METHOD",
+    "SUPPORTED",
+    "LoraConfig",
+    "LoraConv1d",
+    "LoraConv2d",
+    "LoraConv3d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "dispatch",
+    "extra_trainable",
+    "factors_of",
+    "inject",
+]
+
+METHOD = Method(
+    name="lora",
+    config_class=LoraConfig,
+    inject=inject,
+    can_merge=True,
+    extra_trainable=extra_trainable,
+    combine=arithmetic.combine,
+    hotswap=hotswap.hotswap,
+    prepare_hotswap=hotswap.prepare_hotswap,
+    training=Training(learning_rate=2e-3),
+)

@@ -1,0 +1,123 @@
+"""LoRA's configuration: peft's LoraConfig names and defaults, validated in one pass."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peftkit.core.targeting import TargetingConfig
+from peftkit.errors import choices
+
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = (True, False, "gaussian")
+
+
+@dataclass(kw_only=True)
+class LoraConfig(TargetingConfig):
+    """LoRA's settings, with Hugging Face peft's names and defaults."""
+
+    peft_type: ClassVar[str] = "LORA"
+    default_target_modules: ClassVar[dict[str, list[str]]] = {
+        **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta", "layoutlm"], ["query", "value"]),
+        "deberta-v2": ["query_proj", "value_proj"],
+        "distilbert": ["q_lin", "v_lin"],
+        "gpt2": ["c_attn"],
+        "gpt_neox": ["query_key_value"],
+        **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+        **dict.fromkeys(
+            [
+                "llama",
+                "mistral",
+                "mixtral",
+                "qwen2",
+                "qwen3",
+                "gemma",
+                "gemma2",
+                "opt",
+                "bart",
+                "whisper",
+                "clip",
+                "clip_text_model",
+                "clip_vision_model",
+                "phi3",
+                "olmo",
+                "starcoder2",
+            ],
+            ["q_proj", "v_proj"],
+        ),
+        "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+        "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
+    }
+    foreign_defaults: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "use_qalora": False,
+        "qalora_group_size": 16,
+        "trainable_token_indices": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "target_parameters": None,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "ensure_weight_tying": False,
+        "kasa_config": None,
+        "lora_ga_config": None,
+        "monteclora_config": None,
+        "use_bdlora": None,
+        "velora_config": None,
+        "runtime_config": None,
+    }
+
+    r: int = field(default=8, metadata={"help": "Rank of the update B A."})
+    lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: the update is multiplied by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "Weights stored (in, out), as GPT-2's Conv1D; set per layer automatically."}
+    )
+    bias: str = field(default="none", metadata={"help": "Which biases also train: 'none', 'all' or 'lora_only'."})
+    use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."})
+    init_lora_weights: bool | str = field(
+        default=True, metadata={"help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random."}
+    )
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module rank: {name-or-regex: r}."}
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict, metadata={"help": "Per-module alpha: {name-or-regex: alpha}."}
+    )
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            problems.append(f"r={self.r!r} must be a positive integer (typical: 4, 8, 16).")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if self.bias not in BIAS_CHOICES:
+            problems.append(f"bias={self.bias!r} is not one of {choices(BIAS_CHOICES)}.")
+        if self.init_lora_weights not in INIT_CHOICES or (
+            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        ):
+            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'.")
+        bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            problems.append(f"rank_pattern has non-positive ranks {bad}; every rank must be a positive integer.")
+        return problems
+
+    def rank_for(self, module_name: str) -> int:
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    """peft's rule: a key matches a module whose name ends with it (regex allowed)."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,269 @@
+"""LoRA layers on nn.Linear / GPT-2 Conv1D and nn.Embedding, and what every LoRA layer shares.
+
+h = W x + s B A x with s = alpha / r (alpha / sqrt(r) under rsLoRA); merge is W += s B A, unmerge W -= s B A.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.targeting import is_conv1d_gpt2
+from peftkit.methods.lora.config import LoraConfig
+
+
+class LoraLayer(AdapterLayer):
+    """What every LoRA layer shares: ranks, scalings, merge as W ± ΔW, and per-row routing.
+
+    Subclasses create the factors (``create``), give them as matrices (``factors``: A (r, in), B (out, r))
+    and turn them into a weight-shaped delta (``delta_weight``).
+    """
+
+    adapter_other_names = ("lora_dropout", "scaling", "r")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self._stack_cache: tuple[Any, Any] | None = None
+
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        p = config.lora_dropout
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.device("meta"):  # no throw-away init: allocate once on the base's device, initialise once
+            self.create(adapter_name, r)
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if isinstance(holder[adapter_name], nn.Parameter):
+                holder[adapter_name] = nn.Parameter(
+                    torch.empty_like(holder[adapter_name], device=weight.device, dtype=dtype)
+                )
+            else:
+                holder[adapter_name].to_empty(device=weight.device).to(dtype)
+        with torch.no_grad():
+            self.reset(adapter_name, config.init_lora_weights)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads it through the wrapper (T5 casts to ``wo.weight.dtype``)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.get_base_layer().bias
+
+    def create(self, adapter_name: str, r: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def reset(self, adapter_name: str, init: bool | str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def merge(self, adapter_names: list[str]) -> None:
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            for name in adapter_names:
+                weight += self.delta_weight(name).to(weight.dtype)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+
+    @torch.no_grad()
+    def stacked_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routed adapters' factors, ranks zero-padded: A (n, in, r_max), B (n, r_max, out), scaling folded
+        into B, zeros for the base model. Cached until a factor changes (tensor version counters)."""
+        names = self.routing.names
+        params = [p for n in names if n in self.r for p in self.adapter_parameters(n)]
+        key = (names, dtype, tuple((id(p), p._version) for p in params), tuple(self.scaling.get(n) for n in names))
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        r_max = max((self.r[n] for n in names if n in self.r), default=1)
+        probe_a, probe_b = self.factors(next(n for n in names if n in self.r))
+        a_stack = probe_a.new_zeros(len(names), probe_a.shape[1], r_max, dtype=dtype)
+        b_stack = probe_b.new_zeros(len(names), r_max, probe_b.shape[0], dtype=dtype)
+        for k, name in enumerate(names):
+            if name in self.r:
+                a, b = self.factors(name)
+                a_stack[k, :, : a.shape[0]] = a.T
+                b_stack[k, : b.shape[1], :] = (b * self.scaling[name]).T
+        self._stack_cache = (key, (a_stack, b_stack))
+        return a_stack, b_stack
+
+    def has_routed_adapters(self) -> bool:
+        return any(n in self.r for n in self.routing.names)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear, and on GPT-2's Conv1D (``fan_in_fan_out``: weight (in, out), ΔW transposed)."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.fan_in_fan_out = is_conv1d_gpt2(self.get_base_layer())
+
+    def create(self, adapter_name: str, r: int) -> None:
+        out_f, in_f = self.get_base_layer().weight.shape
+        if self.fan_in_fan_out:
+            in_f, out_f = out_f, in_f
+        self.lora_A[adapter_name] = nn.Linear(in_f, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, out_f, bias=False)
+
+    def reset(self, adapter_name: str, init: bool | str) -> None:
+        if init is False:  # the layers' own random init for A and B: not an identity at start
+            self.lora_A[adapter_name].reset_parameters()
+            self.lora_B[adapter_name].reset_parameters()
+            return
+        a = self.lora_A[adapter_name].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.factors(adapter_name)
+        delta = (b @ a) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _plain_weight(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The base weight as (in, out) when the base is a plain Linear / Conv1D this call can bypass, else None."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear or (self.fan_in_fan_out and is_conv1d_gpt2(base))
+        if (
+            not plain
+            or args
+            or kwargs
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks
+        ):
+            return None
+        weight = base.weight
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts addmm but not the in-place addmm_
+            return None
+        if x.dtype != weight.dtype or weight.dtype != next(iter(self.lora_A.values())).weight.dtype:
+            return None
+        return weight if self.fan_in_fan_out else weight.T
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """W x + b + sum_a s_a B_a A_a x. On a plain base layer the low-rank terms (and b) are computed first and
+        the base GEMM accumulates into them (``addmm``), which saves two passes over the output."""
+        routed = self.routing is not None and not self.disabled
+        live = self.live_adapters() if not routed else []
+        if not live and not (routed and self.has_routed_adapters()):
+            return self.base_layer(x, *args, **kwargs)
+        weight_t = self._plain_weight(x, *args, **kwargs)  # (in, out) or None
+        if weight_t is None:
+            result = self.base_layer(x, *args, **kwargs)  # (..., out)
+            delta = self._routed(x, None) if routed else self._delta(x.reshape(-1, x.shape[-1]), live, None)
+            return result + delta.reshape(result.shape).to(result.dtype)
+        bias = self.base_layer.bias
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)
+        # in place: delta is a fresh tensor no backward needs, so the GEMM accumulates into it without a copy
+        return delta.reshape(x2.shape[0], -1).addmm_(x2, weight_t).reshape(*x.shape[:-1], -1)
+
+    def _delta(self, x2: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
+        """bias + sum_a s_a (x A_a^T) B_a^T for rows x2 (N, in); the scale is applied to the small (N, r) term."""
+        acc = bias
+        for name in names:
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = lora_a(self.lora_dropout[name](x2.to(lora_a.weight.dtype))) * self.scaling[name]  # (N, r)
+            acc = torch.mm(h, lora_b.weight.T) if acc is None else torch.addmm(acc, h, lora_b.weight.T)  # (N, out)
+        return acc
+
+    def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Each row through its own adapter with two batched matmuls over gathered factors (no row loop)."""
+        a_stack, b_stack = self.stacked_factors(x.dtype)  # (n, in, r), (n, r, out)
+        rows = self.routing.rows(x.shape[0])  # (B,)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
+        h = torch.bmm(flat, a_stack[rows])  # (B, T, r)
+        b_rows = b_stack[rows]  # (B, r, out)
+        return torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)  # (B, T, out)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: A is an (r, num_embeddings) table looked up by token id, B maps r -> dim."""
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def create(self, adapter_name: str, r: int) -> None:
+        num, dim = self.get_base_layer().weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, num))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
+
+    def reset(self, adapter_name: str, init: bool | str) -> None:
+        if init is False:  # random A and B (standard normal): not an identity at start
+            nn.init.normal_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+            return
+        nn.init.zeros_(self.lora_embedding_A[adapter_name])
+        nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.factors(adapter_name)
+        return (b @ a).T * self.scaling[adapter_name]  # (num, dim)
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(
+            ids, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (..., dim)
+        if self.routing is not None and not self.disabled:
+            return result + self._routed(x).to(result.dtype) if self.has_routed_adapters() else result
+        for name in self.live_adapters():
+            a, b = self.factors(name)
+            h = self._lookup(x, a.T)  # (..., r)
+            result = result + ((h @ b.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        a_stack, b_stack = self.stacked_factors(self.get_base_layer().weight.dtype)  # (n, num, r), (n, r, dim)
+        rows = self.routing.rows(x.shape[0])
+        ids = x.reshape(x.shape[0], -1)  # (B, T)
+        h = a_stack[rows[:, None], ids]  # (B, T, r)
+        delta = torch.bmm(h, b_stack[rows])  # (B, T, dim)
+        return delta.reshape(*x.shape, delta.shape[-1])
+
+
+def factors_of(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A and B tensors of any LoRA layer in their own shapes (A: (r, ...), B: (out, r, ...))."""
+    a, b = (getattr(layer, attr)[name] for attr in layer.adapter_param_names)
+    return (a if isinstance(a, nn.Parameter) else a.weight), (b if isinstance(b, nn.Parameter) else b.weight)
