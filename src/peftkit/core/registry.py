@@ -27,6 +27,27 @@ _METHODS: dict[str, str] = {
     "FREEZE": "peftkit.methods.freeze",
     "DIFF": "peftkit.methods.diff_pruning",
 }
+_BUILT_IN = frozenset(_METHODS)
+
+
+def register_method(peft_type: str, module: str) -> None:
+    """Register a method defined outside peftkit: ``module`` (an importable module name) defines ``METHOD``.
+
+    The method then works everywhere a built-in one does (get_peft_model, checkpoints, the CLI's generated flags when
+    registered before ``peftkit.cli`` is imported); docs/architecture.md has the checklist.
+    """
+    key = str(peft_type).upper()
+    if not key or key in _METHODS:
+        raise ConfigError(f"peft_type {peft_type!r} is empty or already registered ({choices(_METHODS)}).")
+    _METHODS[key] = module
+
+
+def unregister_method(peft_type: str) -> None:
+    """Remove a method registered with :func:`register_method` (built-in methods stay)."""
+    key = str(peft_type).upper()
+    if key in _BUILT_IN or key not in _METHODS:
+        raise ConfigError(f"{peft_type!r} is not a registered add-on method; registered: {choices(_METHODS)}.")
+    del _METHODS[key]
 
 
 def method_names() -> list[str]:
