@@ -18,6 +18,7 @@ keeps calling ``pipe.unet(...)`` as before.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -28,21 +29,12 @@ from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers, merged_names
 from peftkit.core.model import PeftModel
 from peftkit.errors import AdapterNameError, AdapterNotFoundError, CheckpointError, ConfigError, MergeError, choices
+from peftkit.integrations import sd_formats
 from peftkit.integrations.kohya import ModuleLora
-from peftkit.integrations.sd_formats import (  # re-exported: file formats and conversions keep this import path
+from peftkit.integrations.sd_formats import (
     COMPONENTS,
-    DIFFUSERS_WEIGHTS,
-    METADATA_KEY,
     adapter_modules,
-    diffusers_to_kohya,
-    diffusers_to_peftkit,
     fit,
-    from_peftkit,
-    kohya_to_diffusers,
-    kohya_to_peftkit,
-    parse_diffusers,
-    peftkit_to_diffusers,
-    peftkit_to_kohya,
     read_lora,
     to_peftkit,
     write_diffusers,
@@ -51,41 +43,14 @@ from peftkit.integrations.sd_formats import (  # re-exported: file formats and c
 )
 from peftkit.methods.lora import LoraConfig
 
-__all__ = [
-    "COMPONENTS",
-    "DIFFUSERS_WEIGHTS",
-    "MANAGER",
-    "METADATA_KEY",
-    "PRESETS",
-    "ModuleLora",
-    "adapter_modules",
-    "diffusers_to_kohya",
-    "diffusers_to_peftkit",
-    "fit",
-    "from_peftkit",
-    "fuse_lora",
-    "get_active_adapters",
-    "is_adapted",
-    "kohya_to_diffusers",
-    "kohya_to_peftkit",
-    "list_adapters",
-    "load_lora",
-    "parse_diffusers",
-    "peftkit_to_diffusers",
-    "peftkit_to_kohya",
-    "read_lora",
-    "save_lora",
-    "sd_lora_config",
-    "set_adapters",
-    "to_peftkit",
-    "unfuse_lora",
-    "unload_lora",
-    "write_diffusers",
-    "write_kohya",
-    "write_peftkit",
-]
-
 MANAGER = "peftkit_lora"  # attribute of an adapted component holding its PeftModel
+
+# The file formats live in sd_formats.py; these names stay importable from here too.
+DIFFUSERS_WEIGHTS, METADATA_KEY = sd_formats.DIFFUSERS_WEIGHTS, sd_formats.METADATA_KEY
+from_peftkit, parse_diffusers = sd_formats.from_peftkit, sd_formats.parse_diffusers
+kohya_to_peftkit, peftkit_to_kohya = sd_formats.kohya_to_peftkit, sd_formats.peftkit_to_kohya
+diffusers_to_peftkit, peftkit_to_diffusers = sd_formats.diffusers_to_peftkit, sd_formats.peftkit_to_diffusers
+kohya_to_diffusers, diffusers_to_kohya = sd_formats.kohya_to_diffusers, sd_formats.diffusers_to_kohya
 
 _ATTN = r"(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
 _TRANSFORMER = rf"attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.({_ATTN}|ff\.net\.(0\.proj|2)))"
@@ -147,10 +112,35 @@ def load_lora(pipe: Any, source: str | Path | dict, adapter_name: str = "default
     """Load a LoRA file (kohya / A1111, LyCORIS LoHa / LoKr, diffusers, or a peftkit folder) into the pipeline's
     UNet and text encoder(s) as adapter ``adapter_name``, active at ``scale`` next to the already active ones.
 
-    Every module and shape is checked before anything is attached: on any error the pipeline is unchanged.
+    Every module, shape and the scale are checked before anything is attached: on any error the pipeline is
+    unchanged.
     Returns the components that received the adapter.
     """
     components = _components(pipe)
+    fitted = _fitted(components, source)
+    _check_weight(scale, {c: list(modules) for c, modules in fitted.items()})  # a bad scale: nothing attached yet
+    for c in fitted:
+        manager = _manager(components[c])
+        if manager is not None and adapter_name in manager.peft_config:
+            raise AdapterNameError(f"{c} already has an adapter {adapter_name!r}; unload it or pick another name.")
+    done: list[str] = []
+    try:
+        for c, modules in fitted.items():
+            _attach(components[c], modules, adapter_name)
+            done.append(c)
+        for c in done:
+            manager = _manager(components[c])
+            _apply_scale(components[c], manager, adapter_name, scale, c)
+            manager.set_adapter([*(n for n in manager.active_adapters if n != adapter_name), adapter_name])
+    except Exception:
+        for c in done:
+            _detach(components[c], adapter_name)
+        raise
+    return done
+
+
+def _fitted(components: dict[str, nn.Module], source: str | Path | dict) -> dict[str, dict[str, ModuleLora]]:
+    """The source's modules per component, checked against the pipeline (names, shapes); nothing attached."""
     unet = components.get("unet")
     lpb = getattr(getattr(unet, "config", None), "layers_per_block", 2)
     parts = source if isinstance(source, dict) else read_lora(source, lpb if isinstance(lpb, int) else 2)
@@ -161,24 +151,7 @@ def load_lora(pipe: Any, source: str | Path | dict, adapter_name: str = "default
     fitted = {c: fit(components[c], mods, f"{where} [{c}]") for c, mods in parts.items() if mods}
     if not fitted:
         raise CheckpointError(f"{where} holds no LoRA modules; nothing to load.")
-    for c in fitted:
-        manager = _manager(components[c])
-        if manager is not None and adapter_name in manager.peft_config:
-            raise AdapterNameError(f"{c} already has an adapter {adapter_name!r}; unload it or pick another name.")
-    done: list[str] = []
-    try:
-        for c, modules in fitted.items():
-            _attach(components[c], modules, adapter_name)
-            done.append(c)
-    except Exception:
-        for c in done:
-            _detach(components[c], adapter_name)
-        raise
-    for c in done:
-        manager = _manager(components[c])
-        _apply_scale(components[c], manager, adapter_name, scale, c)
-        manager.set_adapter([*(n for n in manager.active_adapters if n != adapter_name), adapter_name])
-    return done
+    return fitted
 
 
 def _attach(component: nn.Module, modules: dict[str, ModuleLora], adapter_name: str) -> None:
@@ -246,25 +219,43 @@ def set_adapters(pipe: Any, adapter_names: str | list[str], adapter_weights: Any
     unknown = sorted(set(names) - known)
     if unknown:
         raise AdapterNotFoundError(f"No adapter {choices(unknown)} in this pipeline; loaded: {choices(known)}.")
-    for c, component in _components(pipe).items():
-        manager = _manager(component)
-        if manager is None:
-            continue
+    managed = {c: (comp, m) for c, comp in _components(pipe).items() if (m := _manager(comp)) is not None}
+    for c, (component, manager) in managed.items():  # check every weight first: a bad one changes nothing
+        for name in (n for n in names if n in manager.peft_config):
+            if name in merged_names(component):
+                raise MergeError(f"Adapter {name!r} is fused; unfuse_lora() before changing its scale.")
+            paths = [p for p, layer in adapter_layers(component) if name in getattr(layer, "scaling", {})]
+            _check_weight(by_name[name], {c: paths})
+    for c, (component, manager) in managed.items():
         here = [n for n in names if n in manager.peft_config]
         for name in here:
             _apply_scale(component, manager, name, by_name.get(name), c)
         manager.set_adapter(here if here else [])
 
 
-def _apply_scale(component: nn.Module, manager: PeftModel, name: str, weight: Any, c: str) -> None:
-    if name in merged_names(component):
-        raise MergeError(f"Adapter {name!r} is fused; unfuse_lora() before changing its scale.")
+def _check_weight(weight: Any, paths: dict[str, list[str]]) -> None:
+    """Work out the scale a weight gives each module path of each component; ConfigError if it is malformed."""
+    for c, component_paths in paths.items():
+        component_weight = _component_weight(weight, c)
+        for path in component_paths:
+            _block_scale(component_weight, path)
+
+
+def _component_weight(weight: Any, c: str) -> Any:
+    """A component's part of a weight: the weight itself, or ``weight[c]`` (default 1) for a per-component dict."""
     weight = 1.0 if weight is None else weight
     if isinstance(weight, dict):
         bad = sorted(set(weight) - set(COMPONENTS))
         if bad:
             raise ConfigError(f"Scale keys {choices(bad)} name no component; use {choices(COMPONENTS)}.")
         weight = weight.get(c, 1.0)
+    return weight
+
+
+def _apply_scale(component: nn.Module, manager: PeftModel, name: str, weight: Any, c: str) -> None:
+    if name in merged_names(component):
+        raise MergeError(f"Adapter {name!r} is fused; unfuse_lora() before changing its scale.")
+    weight = _component_weight(weight, c)
     config = manager.peft_config[name]
     for path, layer in adapter_layers(component):
         if name in getattr(layer, "scaling", {}):
@@ -275,7 +266,7 @@ def _apply_scale(component: nn.Module, manager: PeftModel, name: str, weight: An
 
 def _block_scale(weight: Any, path: str) -> float:
     if not isinstance(weight, dict):
-        return float(weight)
+        return _number(weight, path)
     bad = sorted(set(weight) - {"down", "mid", "up"})
     if bad:
         raise ConfigError(f"UNet scale keys {choices(bad)} are not blocks; use 'down', 'mid', 'up'.")
@@ -285,13 +276,31 @@ def _block_scale(weight: Any, path: str) -> float:
     part = m.group(1) or "mid"
     value = weight.get(part, 1.0)
     if isinstance(value, dict):
+        bad = sorted(k for k in value if not re.fullmatch(r"block_\d+", str(k)))
+        if bad:
+            raise ConfigError(f"Scale keys {choices(bad)} of {part!r} are not blocks; use 'block_0', 'block_1', ...")
         value = value.get(f"block_{m.group(2)}", 1.0)
     if isinstance(value, (list, tuple)):  # one value per layer; a block's down/up-sampler takes the last one
         j = int(m.group(4)) if m.group(3) in ("attentions", "resnets") else len(value) - 1
         if j >= len(value):
             raise ConfigError(f"Per-layer scales {value!r} for {part} block {m.group(2)} lack layer {j} ({path!r}).")
         value = value[j]
-    return float(value)
+    return _number(value, path)
+
+
+def _number(value: Any, path: str) -> float:
+    """A scale as a finite float; ConfigError naming the value otherwise."""
+    try:
+        number = float(value) if not isinstance(value, (str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):
+        number = None
+    if number is None or not math.isfinite(number):
+        raise ConfigError(
+            f"Scale {value!r} (for {path!r}) is not a finite number. A scale is a float, a dict per component "
+            "{'unet': w, 'text_encoder': w}, and for the UNet per block {'down': x, 'mid': x, 'up': x} with x a "
+            "float, {'block_0': y, ...} or a list with one float per layer."
+        )
+    return number
 
 
 def fuse_lora(pipe: Any, adapter_names: list[str] | None = None) -> None:

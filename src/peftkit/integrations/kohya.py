@@ -12,18 +12,11 @@ UNet paths come in two spellings: diffusers' (``down_blocks_0_attentions_0_...``
 SD 1.x/2.x) and the original LDM/SGM one (``input_blocks_1_1_...``, which kohya writes for SDXL). Both are
 read; :func:`ldm_unet_names` maps between them given ``layers_per_block``.
 
-LyCORIS files are read as weight deltas (KohakuBlueleaf et al. 2023, "Navigating Text-To-Image
-Customization: From LyCORIS Fine-Tuning to Model Evaluation", sections 3.2-3.3), with s = alpha / r:
+LyCORIS LoHa / LoKr files and full deltas (``diff``) are read by :mod:`peftkit.integrations.lycoris` as exact
+full-rank LoRA factors whose shapes are checked before they are computed.
 
-    LoHa:  ΔW = s * (w1_a @ w1_b) ⊙ (w2_a @ w2_b)       r = hada_w1_b.shape[0]
-           with tucker cores hada_t1/t2 (convs): w_i = einsum("ijkl,jr,ip->prkl", t_i, w_i_b, w_i_a)
-    LoKr:  ΔW = s * kron(w1, w2),  w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b,  w2 likewise (or via lokr_t2);
-           r = rank of the factorised part (lokr_w2_b, else lokr_w1_b); both factors full: s = 1
-    full:  ΔW = diff
-
-Each delta is then stored as an exact LoRA of rank min(out, n) (n = in * kh * kw): B = ΔW, A = I when n <= out,
-else B = I, A = ΔW, with alpha = r (scale 1). Merging adds exactly ΔW, scales and unfusing work as for any LoRA;
-the cost is one weight-sized tensor per module (LoHa / LoKr files are small, the loaded adapter is not).
+Every tensor must be a finite floating-point number (a scalar ``alpha`` may also be an integer, as older kohya
+files store it); each module may appear once, in one spelling.
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,12 +32,13 @@ from safetensors.torch import save
 
 from peftkit.core.config import atomic_write_bytes
 from peftkit.errors import CheckpointError, choices
+from peftkit.integrations import lycoris
+from peftkit.integrations.factors import ModuleLora
+from peftkit.integrations.lycoris import LOHA_SUFFIXES, LOKR_SUFFIXES
 
 # kohya stem prefix -> pipeline component
 PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2"}
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-LOHA_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
-LOKR_SUFFIXES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 KNOWN_SUFFIXES = (*LORA_SUFFIXES, *LOHA_SUFFIXES, *LOKR_SUFFIXES, "diff")
 UNSUPPORTED = {"dora_scale": "DoRA", "lora_mid.weight": "LoCon with a tucker core", "hada_w1": "LoHa (old keys)"}
 
@@ -61,21 +54,6 @@ _COMPOUNDS = sorted(
     },
     key=lambda w: -w.count("_"),
 )  # fmt: skip
-
-
-@dataclass
-class ModuleLora:
-    """One module's update as LoRA factors: ΔW = (alpha / r) * up @ down, r = down.shape[0].
-
-    ``down`` is (r, in) or (r, in, kh, kw) or flat (r, in * kh * kw); ``up`` is (out, r) or (out, r, 1, 1)."""
-
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
 
 
 # ---- names ----------------------------------------------------------------------------------------------
@@ -190,9 +168,37 @@ def read_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise CheckpointError(f"No LoRA file at {str(path)!r}; pass the path of a .safetensors file.")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); the file is corrupt.") from err
+    check_values(tensors, str(path))
+    return tensors, meta
+
+
+def check_values(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor is floating point and finite (NaN / inf would poison the weights it is added to).
+    A one-value ``alpha`` may be an integer: older kohya files store alpha = rank as int64."""
+    for key, t in tensors.items():
+        int_alpha = key.endswith("alpha") and t.numel() == 1 and t.dtype != torch.bool
+        if not (t.is_floating_point() or int_alpha):
+            raise CheckpointError(
+                f"{where}: tensor {key!r} has dtype {t.dtype}; LoRA weights are floating point (float32, float16, "
+                "bfloat16). The file is corrupt or not a LoRA file."
+            )
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            raise CheckpointError(
+                f"{where}: tensor {key!r} holds NaN or infinite values; loading it would make every output NaN. "
+                "The file is corrupt (often a diverged training run): use an earlier checkpoint."
+            )
+
+
+def scalar(name: str, key: str, t: torch.Tensor) -> float:
+    """A one-value tensor (kohya's ``alpha``) as a float."""
+    if t.numel() != 1:
+        raise CheckpointError(
+            f"Module {name!r}: {key} has shape {tuple(t.shape)}, but alpha is one number; the file is corrupt."
+        )
+    return float(t.item())
 
 
 def write_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -210,8 +216,29 @@ def is_kohya(tensors: dict[str, torch.Tensor]) -> bool:
 
 # ---- kohya / LyCORIS -> per-module LoRA factors --------------------------------------------------------------
 def parse(tensors: dict[str, torch.Tensor], layers_per_block: int = 2) -> dict[str, dict[str, ModuleLora]]:
-    """A kohya / LyCORIS state dict -> {component: {module path (diffusers spelling): ModuleLora}}."""
-    grouped: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    """A kohya / LyCORIS state dict -> {component: {module path (diffusers spelling): ModuleLora}}.
+
+    One module spelled twice (diffusers' and LDM's UNet names, or 'lora_te_' and 'lora_te1_') is refused: the
+    two would silently overwrite each other."""
+    out: dict[str, dict[str, ModuleLora]] = {}
+    first: dict[tuple[str, str], str] = {}  # (component, path) -> the file stem that named it first
+    for head, (component, stem, parts) in _group(tensors).items():
+        path = stem_to_path(stem)
+        if component == "unet":
+            path = ldm_to_diffusers_path(path, layers_per_block)
+        if (component, path) in first:
+            raise CheckpointError(
+                f"Keys {first[component, path] + '.*'!r} and {head + '.*'!r} both name {component} module {path!r} "
+                "(two spellings of one module); the file is ambiguous. Keep one of them."
+            )
+        first[component, path] = head
+        out.setdefault(component, {})[path] = module_lora(f"{component}:{stem}", parts)
+    return out
+
+
+def _group(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, str, dict[str, torch.Tensor]]]:
+    """File stem ('lora_unet_<stem>') -> (component, stem, {suffix: tensor}); unknown suffixes refused."""
+    grouped: dict[str, tuple[str, str, dict[str, torch.Tensor]]] = {}
     for key, value in tensors.items():
         component, stem, suffix = split_key(key)
         if suffix in UNSUPPORTED:
@@ -221,91 +248,37 @@ def parse(tensors: dict[str, torch.Tensor], layers_per_block: int = 2) -> dict[s
             )
         if suffix not in KNOWN_SUFFIXES:
             raise CheckpointError(f"{key!r} has an unknown suffix {suffix!r}; known: {choices(KNOWN_SUFFIXES)}.")
-        grouped.setdefault((component, stem), {})[suffix] = value
-    out: dict[str, dict[str, ModuleLora]] = {}
-    for (component, stem), parts in grouped.items():
-        path = stem_to_path(stem)
-        if component == "unet":
-            path = ldm_to_diffusers_path(path, layers_per_block)
-        out.setdefault(component, {})[path] = module_lora(f"{component}:{stem}", parts)
-    return out
+        grouped.setdefault(key.partition(".")[0], (component, stem, {}))[2][suffix] = value
+    return grouped
 
 
 def module_lora(name: str, parts: dict[str, torch.Tensor]) -> ModuleLora:
-    """One module's tensors (suffix -> tensor) as LoRA factors; LyCORIS deltas become exact full-rank factors."""
-    alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+    """One module's tensors (suffix -> tensor) as LoRA factors; LyCORIS deltas become exact full-rank factors
+    (computed lazily, after their shape is checked against the model)."""
+    alpha = scalar(name, "alpha", parts["alpha"]) if "alpha" in parts else None
     if "lora_down.weight" in parts or "lora_up.weight" in parts:
-        down, up = parts.get("lora_down.weight"), parts.get("lora_up.weight")
-        if down is None or up is None:
-            raise CheckpointError(f"Module {name!r} has only one of lora_down / lora_up; the file is incomplete.")
-        if down.shape[0] != up.shape[1]:
-            raise CheckpointError(
-                f"Module {name!r}: rank mismatch, lora_down {tuple(down.shape)} has rank {down.shape[0]} but "
-                f"lora_up {tuple(up.shape)} has rank {up.shape[1]}; the file is corrupt."
-            )
-        return ModuleLora(down.float(), up.float(), alpha if alpha is not None else float(down.shape[0]))
+        return lora_factors(name, parts.get("lora_down.weight"), parts.get("lora_up.weight"), alpha)
     if any(s in parts for s in LOHA_SUFFIXES):
-        delta = loha_delta(name, parts, alpha)
-    elif any(s in parts for s in LOKR_SUFFIXES):
-        delta = lokr_delta(name, parts, alpha)
-    elif "diff" in parts:
-        delta = parts["diff"].float().flatten(1)
-    else:
-        raise CheckpointError(f"Module {name!r} has only {choices(parts)}; no weights to apply.")
-    return exact_factors(delta)
+        return lycoris.loha(name, parts, alpha)
+    if any(s in parts for s in LOKR_SUFFIXES):
+        return lycoris.lokr(name, parts, alpha)
+    if "diff" in parts:
+        return lycoris.full(name, parts["diff"])
+    raise CheckpointError(f"Module {name!r} has only {choices(parts)}; no weights to apply.")
 
 
-def _need(name: str, parts: dict[str, torch.Tensor], *keys: str) -> list[torch.Tensor]:
-    missing = [k for k in keys if k not in parts]
-    if missing:
+def lora_factors(name: str, down: torch.Tensor | None, up: torch.Tensor | None, alpha: float | None) -> ModuleLora:
+    """lora_down (r, in[, kh, kw]) and lora_up (out, r[, 1, 1]) checked and paired; alpha missing: alpha = r."""
+    if down is None or up is None:
+        raise CheckpointError(f"Module {name!r} has only one of lora_down / lora_up; the file is incomplete.")
+    lycoris.matrix_shape(name, "lora_down", down)
+    lycoris.matrix_shape(name, "lora_up", up)
+    if down.shape[0] != up.shape[1]:
         raise CheckpointError(
-            f"Module {name!r} lacks {choices(missing)} (has {choices(parts)}); the file is incomplete."
+            f"Module {name!r}: rank mismatch, lora_down {tuple(down.shape)} has rank {down.shape[0]} but "
+            f"lora_up {tuple(up.shape)} has rank {up.shape[1]}; the file is corrupt."
         )
-    return [parts[k].float() for k in keys]
-
-
-def _rebuild(t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b flattened to (out, n); with a tucker core t (r, r, kh, kw): einsum("ijkl,jr,ip->prkl", t, b, a)."""
-    if t is None:
-        return a @ b
-    return torch.einsum("ijkl,jr,ip->prkl", t.float(), b, a).flatten(1)  # (out, in * kh * kw)
-
-
-def loha_delta(name: str, parts: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
-    """LoHa: ΔW = (alpha / r) (w1_a w1_b) ⊙ (w2_a w2_b), flattened to (out, n)."""
-    w1a, w1b, w2a, w2b = _need(name, parts, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-    w1, w2 = _rebuild(parts.get("hada_t1"), w1a, w1b.flatten(1)), _rebuild(parts.get("hada_t2"), w2a, w2b.flatten(1))
-    if w1.shape != w2.shape:
-        raise CheckpointError(f"Module {name!r}: LoHa factors give {tuple(w1.shape)} and {tuple(w2.shape)}; corrupt.")
-    rank = w1b.shape[0]
-    return w1 * w2 * ((alpha if alpha is not None else rank) / rank)
-
-
-def _lokr_factor(name: str, parts: dict[str, torch.Tensor], i: int) -> tuple[torch.Tensor, int | None]:
-    if f"lokr_w{i}" in parts:
-        return parts[f"lokr_w{i}"].float(), None
-    a, b = _need(name, parts, f"lokr_w{i}_a", f"lokr_w{i}_b")
-    t = parts.get(f"lokr_t{i}")
-    w = torch.einsum("ijkl,ip,jr->prkl", t.float(), a, b) if t is not None else a @ b.flatten(1)
-    return w, b.shape[0]
-
-
-def lokr_delta(name: str, parts: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:
-    """LoKr: ΔW = s kron(w1, w2) flattened to (out, n); s = alpha / r when a factor is decomposed, else 1."""
-    w1, r1 = _lokr_factor(name, parts, 1)
-    w2, r2 = _lokr_factor(name, parts, 2)
-    rank = r2 if r2 is not None else r1
-    scale = 1.0 if rank is None or alpha is None else alpha / rank
-    # kron((a, b), (c, d, kh, kw)) flattened = kron((a, b), (c, d * kh * kw)): the column order agrees.
-    return torch.kron(w1.flatten(1), w2.flatten(1)) * scale
-
-
-def exact_factors(delta: torch.Tensor) -> ModuleLora:
-    """ΔW (out, n) as LoRA factors with up @ down == ΔW exactly and scale 1."""
-    out, n = delta.shape
-    if n <= out:
-        return ModuleLora(torch.eye(n), delta.clone(), float(n))
-    return ModuleLora(delta.clone(), torch.eye(out), float(out))
+    return ModuleLora(down.float(), up.float(), alpha if alpha is not None else float(down.shape[0]))
 
 
 # ---- per-module LoRA factors -> kohya ------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from peftkit.core.merge import adapter_layers
 from peftkit.core.targeting import base_of, iter_free_modules
 from peftkit.errors import CheckpointError, ConfigError, choices
-from peftkit.integrations import kohya
+from peftkit.integrations import kohya, lycoris
 from peftkit.integrations.kohya import ModuleLora
 from peftkit.methods.lora import LoraConfig
 
@@ -85,27 +86,35 @@ def _resolve(component: nn.Module, path: str, names: set[str]) -> str | None:
 
 
 def fit(component: nn.Module, modules: dict[str, ModuleLora], where: str) -> dict[str, ModuleLora]:
-    """Check every module exists and the factor shapes fit; reshape (r, n) to conv shapes. Touches nothing."""
+    """Check every module exists once and the factor shapes fit; reshape (r, n) to conv shapes. Touches nothing.
+
+    Shapes are checked from :meth:`ModuleLora.factor_shapes` for every module first, so a LyCORIS delta is only
+    computed (by ``.down`` / ``.up``) once the whole file is known to fit."""
     found = {n: b for n, m in iter_free_modules(component) if isinstance(b := base_of(m), (nn.Linear, nn.Conv2d))}
-    names = set(found)
-    out, unknown = {}, []
-    for path, mod in modules.items():
+    targets = _targets(component, modules, set(found), where)
+    shapes = {target: _fit_shapes(found[target], modules[path], target, where) for target, path in targets.items()}
+    out = {}
+    for target, path in targets.items():
+        mod, (want_down, want_up) = modules[path], shapes[target]
+        out[target] = ModuleLora(mod.down.reshape(want_down), mod.up.reshape(want_up), mod.alpha)
+    return out
+
+
+def _targets(component: nn.Module, modules: dict[str, ModuleLora], names: set[str], where: str) -> dict[str, str]:
+    """The model's module path for each file path (model path -> file path); unknown or doubled ones refused."""
+    targets: dict[str, str] = {}
+    unknown = []
+    for path in modules:
         target = _resolve(component, path, names)
         if target is None:
             unknown.append(path)
-            continue
-        base = found[target]
-        weight = base.weight
-        out_f, in_f = weight.shape[:2]
-        kernel = tuple(weight.shape[2:])
-        want_down, want_up = (mod.rank, in_f, *kernel), (out_f, mod.rank, *(1,) * len(kernel))
-        if mod.down.numel() != _prod(want_down) or mod.up.numel() != _prod(want_up):
+        elif target in targets:
             raise CheckpointError(
-                f"{where}: module {target!r} ({type(base).__name__} {tuple(weight.shape)}) does not fit the file's "
-                f"factors down {tuple(mod.down.shape)} / up {tuple(mod.up.shape)}; the LoRA was made for another "
-                "model (or another rank of this one)."
+                f"{where}: LoRA modules {targets[target]!r} and {path!r} both name module {target!r} (two spellings "
+                "of one module); the file is ambiguous. Keep one of them."
             )
-        out[target] = ModuleLora(mod.down.reshape(want_down), mod.up.reshape(want_up), mod.alpha)
+        else:
+            targets[target] = path
     if unknown:
         examples = sorted(n for n in names if "." in n)[:4]
         raise CheckpointError(
@@ -113,7 +122,23 @@ def fit(component: nn.Module, modules: dict[str, ModuleLora], where: str) -> dic
             f"{type(component).__name__} (e.g. {choices(unknown[:3])}; the model has e.g. {choices(examples)}). "
             "The file was made for another architecture; load it into the model it was trained for."
         )
-    return out
+    return targets
+
+
+def _fit_shapes(base: nn.Module, mod: ModuleLora, target: str, where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (down, up) shapes the layer needs: (r, in[, kh, kw]), (out, r[, 1, 1]); CheckpointError if the file's
+    factors hold other sizes."""
+    weight = base.weight
+    out_f, in_f = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    want_down, want_up = (mod.rank, in_f, *kernel), (out_f, mod.rank, *(1,) * len(kernel))
+    down, up = mod.factor_shapes()
+    if _prod(down) != _prod(want_down) or _prod(up) != _prod(want_up):
+        raise CheckpointError(
+            f"{where}: module {target!r} ({type(base).__name__} {tuple(weight.shape)}) does not fit the file's "
+            f"factors down {down} / up {up}; the LoRA was made for another model (or another rank of this one)."
+        )
+    return want_down, want_up
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -166,35 +191,24 @@ _DIFFUSERS_PAIRS = (
 def parse_diffusers(tensors: dict[str, torch.Tensor], meta: dict[str, str], where: str) -> dict[str, dict]:
     """diffusers' layout: ``unet.<path>.lora_A.weight`` / ``lora_B`` (or the older ``.lora.down`` / ``.lora.up``,
     ``.lora_linear_layer.down`` / ``.up``), alpha from the ``lora_adapter_metadata`` LoraConfig fields, or
-    ``<path>.alpha`` keys, else alpha = r."""
-    configs = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+    ``<path>.alpha`` keys, else alpha = r. One module under two spellings is refused."""
+    configs = _metadata_fields(meta, where)
     out: dict[str, dict[str, ModuleLora]] = {}
+    first: dict[tuple[str, str], str] = {}  # (component, path) -> the key that named it first
     used = set()
-    for key, down in tensors.items():
+    for key in tensors:
         pair = next(((a, b) for a, b in _DIFFUSERS_PAIRS if key.endswith(a)), None)
         if pair is None:
             continue
-        component, _, path = key.removesuffix(pair[0]).partition(".")
-        if component not in COMPONENTS:
-            raise CheckpointError(f"{where}: key {key!r} names no pipeline component ({choices(COMPONENTS)}).")
-        up_key = key.removesuffix(pair[0]) + pair[1]
-        if up_key not in tensors:
-            raise CheckpointError(f"{where}: {key!r} has no matching {up_key!r}; the file is incomplete.")
-        up = tensors[up_key]
-        if down.shape[0] != up.shape[1]:
+        component, path, mod, keys = _diffusers_module(tensors, key, pair, configs, where)
+        if (component, path) in first:
             raise CheckpointError(
-                f"{where}: rank mismatch at {path!r}: down {tuple(down.shape)} vs up {tuple(up.shape)}; corrupt file."
+                f"{where}: keys {first[component, path]!r} and {key!r} both name {component} module {path!r} (two "
+                "spellings of one module); the file is ambiguous. Keep one of them."
             )
-        path = path.replace(".processor.", ".")
-        alpha_key = f"{component}.{path}.alpha"
-        if alpha_key in tensors:
-            alpha = float(tensors[alpha_key].item())
-            used.add(alpha_key)
-        else:
-            fields = {k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component + ".")}
-            alpha = _alpha_from_fields(fields, path, down.shape[0])
-        out.setdefault(component, {})[path] = ModuleLora(down.float(), up.float(), alpha)
-        used.update((key, up_key))
+        first[component, path] = key
+        out.setdefault(component, {})[path] = mod
+        used.update(keys)
     left = sorted(set(tensors) - used)
     if left:
         raise CheckpointError(
@@ -202,6 +216,44 @@ def parse_diffusers(tensors: dict[str, torch.Tensor], meta: dict[str, str], wher
             "Pass a Stable Diffusion LoRA file (kohya / A1111 / LyCORIS, or diffusers' pytorch_lora_weights)."
         )
     return out
+
+
+def _metadata_fields(meta: dict[str, str], where: str) -> dict[str, Any]:
+    """The ``lora_adapter_metadata`` JSON object ('<component>.<LoraConfig field>' -> value), or {}."""
+    try:
+        fields = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON ({err}); corrupt file.") from err
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{where}: metadata {METADATA_KEY!r} is not a JSON object; corrupt file.")
+    return fields
+
+
+def _diffusers_module(
+    tensors: dict[str, torch.Tensor], key: str, pair: tuple[str, str], configs: dict[str, Any], where: str
+) -> tuple[str, str, ModuleLora, tuple[str, ...]]:
+    """One module of a diffusers file: (component, module path, factors, the keys it used)."""
+    component, _, path = key.removesuffix(pair[0]).partition(".")
+    if component not in COMPONENTS:
+        raise CheckpointError(f"{where}: key {key!r} names no pipeline component ({choices(COMPONENTS)}).")
+    up_key = key.removesuffix(pair[0]) + pair[1]
+    if up_key not in tensors:
+        raise CheckpointError(f"{where}: {key!r} has no matching {up_key!r}; the file is incomplete.")
+    down, up = tensors[key], tensors[up_key]
+    lycoris.matrix_shape(f"{where} [{component}] {path}", key, down)
+    lycoris.matrix_shape(f"{where} [{component}] {path}", up_key, up)
+    if down.shape[0] != up.shape[1]:
+        raise CheckpointError(
+            f"{where}: rank mismatch at {path!r}: down {tuple(down.shape)} vs up {tuple(up.shape)}; corrupt file."
+        )
+    path = path.replace(".processor.", ".")
+    alpha_key = f"{component}.{path}.alpha"
+    if alpha_key in tensors:
+        alpha = kohya.scalar(f"{component}.{path}", alpha_key, tensors[alpha_key])
+        return component, path, ModuleLora(down.float(), up.float(), alpha), (key, up_key, alpha_key)
+    fields = {k.partition(".")[2]: v for k, v in configs.items() if k.startswith(component + ".")}
+    alpha = _alpha_from_fields(fields, path, down.shape[0])
+    return component, path, ModuleLora(down.float(), up.float(), alpha), (key, up_key)
 
 
 def _alpha_from_fields(fields: dict, path: str, rank: int) -> float:
