@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from peftkit.core.config import atomic_write_bytes
+from peftkit.core.files import atomic_write_bytes
 from peftkit.errors import AdapterNameError, CheckpointError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
