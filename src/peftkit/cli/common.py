@@ -17,14 +17,18 @@ CLI_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}
 
 
 def adapter_folders(root: str | Path) -> dict[str, Path]:
-    """Adapter name -> folder, in peft's layout (``default`` at the root, others in sub-folders)."""
+    """Adapter name -> folder, in peft's layout (``default`` at the root, others in sub-folders).
+
+    Any name counts, ``best`` and ``checkpoints`` included, except in the output folder of `peftkit train`
+    (it holds train_config.yaml), whose ``best/`` is the run's best-evaluation copy of its one adapter."""
     root = Path(root)
     found = {}
     if (root / CONFIG_NAME).is_file():
         found[io.DEFAULT_ADAPTER] = root
+    skip = {"best"} if (root / "train_config.yaml").is_file() else set()
     if root.is_dir():
         for sub in sorted(root.iterdir()):
-            if sub.is_dir() and (sub / CONFIG_NAME).is_file() and sub.name not in ("best", "checkpoints"):
+            if sub.is_dir() and (sub / CONFIG_NAME).is_file() and sub.name not in skip:
                 found[sub.name] = sub
     return found
 
@@ -57,6 +61,15 @@ def _labels_from_tensors(folder: Path) -> list[str] | None:
     return None
 
 
+def base_model_ref(folder: Path, model: str | None) -> str:
+    """The base model of the adapter in ``folder``: ``--model``, else what `peftkit train` recorded, else the
+    adapter config's base_model_name_or_path."""
+    recorded = model or run_info(folder).get("model") or PeftConfig.read_dict(folder).get("base_model_name_or_path")
+    if not recorded:
+        raise ConfigError("--model is needed: the adapter does not name its base model (a folder or 'minilm').")
+    return recorded
+
+
 @dataclass
 class Adapted:
     model: PeftModel
@@ -77,9 +90,7 @@ def load_adapted(adapter: str | Path, model: str | None = None) -> Adapted:
         )
     config = PeftConfig.read_dict(folder)
     info = run_info(folder)
-    base = model or info.get("model") or config.get("base_model_name_or_path")
-    if not base:
-        raise ConfigError("--model is needed: the adapter does not name its base model (a folder or 'minilm').")
+    base = base_model_ref(folder, model)
     task = CLI_TASKS.get(str(config.get("task_type")))
     if task is None:
         raise ConfigError(

@@ -11,6 +11,9 @@ diffusers' layout and peftkit folders (one save_pretrained folder per component:
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import typer
@@ -20,6 +23,7 @@ from peftkit.core import io
 from peftkit.core.config import PeftConfig
 from peftkit.core.registry import config_from_dict
 from peftkit.errors import CheckpointError, ConfigError, choices
+from peftkit.train.output_dir import no_file_in_the_way, writable_dir
 
 FORMATS = ("peft", "peftkit", "kohya", "diffusers")
 SD_FILE_FORMATS = ("kohya", "diffusers")  # Stable Diffusion single-file formats
@@ -32,7 +36,10 @@ def convert(
     to: str = typer.Option("peft", "--to", help=f"Target format: {', '.join(FORMATS)}."),
     model: str | None = typer.Option(None, "--model", help="Also check that the tensors fit this base model."),
 ) -> None:
-    """Validate SOURCE (config, tensor names and shapes) and rewrite it to OUTPUT in the --to format."""
+    """Validate SOURCE (config, tensor names and shapes) and rewrite it to OUTPUT in the --to format.
+
+    All or nothing: the adapters are written to a temporary folder next to OUTPUT, moved into place only when
+    every one of them converted."""
     if to not in FORMATS:
         raise ConfigError(f"--to {to!r} is not a format; use one of {choices(FORMATS)}.")
     if to in SD_FILE_FORMATS or Path(source).is_file() or _is_sd_folder(source):
@@ -41,21 +48,53 @@ def convert(
     folders = adapter_folders(source)
     if not folders:
         raise CheckpointError(f"SOURCE {source!r} holds no adapter_config.json (nor sub-folders with one).")
-    for name, folder in folders.items():
-        config = config_from_dict(PeftConfig.read_dict(folder))
-        if to == "peft" and config.peft_type not in PEFT_TYPES:
-            raise ConfigError(
-                f"--to peft: adapter {name!r} is {config.peft_type}, which Hugging Face peft does not have "
-                f"(it loads {choices(PEFT_TYPES)}); keep it in peftkit's format with --to peftkit."
-            )
+    out = Path(output)
+    no_file_in_the_way(out, "OUTPUT")
+    writable_dir(out.parent, "OUTPUT's parent folder")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        lines = [_convert_one(name, folder, staging, to, model) for name, folder in folders.items()]
+        _move_into_place(staging, out, list(folders))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for line in lines:
+        typer.echo(line.replace(str(staging), str(out)))
+
+
+def _convert_one(name: str, folder: Path, staging: Path, to: str, model: str | None) -> str:
+    """Check one adapter and write it under ``staging``; the line to print."""
+    config = config_from_dict(PeftConfig.read_dict(folder))
+    if to == "peft" and config.peft_type not in PEFT_TYPES:
+        raise ConfigError(
+            f"--to peft: adapter {name!r} is {config.peft_type}, which Hugging Face peft does not have "
+            f"(it loads {choices(PEFT_TYPES)}); keep it in peftkit's format with --to peftkit."
+        )
+    try:
         tensors = io.from_file_keys(io.load_tensors(folder))
-        if model is not None and name == io.DEFAULT_ADAPTER:
-            load_adapted(folder, model)  # raises CheckpointError naming what does not fit
-        target = io.adapter_dir(output, name)
-        config.save_pretrained(target)
-        io.save_tensors(io.to_file_keys(tensors), target)
-        size = sum(t.numel() for t in tensors.values())
-        typer.echo(f"{name}: {config.peft_type}, {len(tensors)} tensors, {size:,d} values -> {Path(target)}")
+    except CheckpointError as err:
+        raise CheckpointError(f"adapter {name!r}: {err} Nothing was written.") from err
+    if model is not None and name == io.DEFAULT_ADAPTER:
+        load_adapted(folder, model)  # raises CheckpointError naming what does not fit
+    target = io.adapter_dir(staging, name)
+    config.save_pretrained(target)
+    io.save_tensors(io.to_file_keys(tensors), target)
+    size = sum(t.numel() for t in tensors.values())
+    return f"{name}: {config.peft_type}, {len(tensors)} tensors, {size:,d} values -> {Path(target)}"
+
+
+def _move_into_place(staging: Path, out: Path, names: list[str]) -> None:
+    """Everything was written: rename the staging folder to OUTPUT, or, when OUTPUT already holds files, move
+    in what was written (each adapter's files replace the same-named ones; other files stay)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+        return
+    for entry in sorted(staging.iterdir()):
+        dest = out / entry.name
+        if dest.is_dir() and entry.is_dir() and entry.name in names:
+            shutil.rmtree(dest)
+        os.replace(entry, dest)
 
 
 def _is_sd_folder(source: str) -> bool:

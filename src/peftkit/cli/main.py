@@ -36,7 +36,8 @@ for command in (train, compare, merge, inspect, convert, predict, generate):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `peftkit` script; a PeftkitError prints its message (naming the flag) and exits 2."""
+    """Entry point of the `peftkit` script; a PeftkitError prints its message (naming the flag) and exits 2, an
+    OSError from the file system prints its one-line message and exits 1."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     except PeftkitError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a file the command reads or writes: one line, not a traceback
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

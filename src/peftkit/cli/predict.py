@@ -22,7 +22,7 @@ def predict(
     adapted = load_adapted(adapter, model)
     if adapted.task != "classification":
         raise ConfigError(f"ADAPTER {adapter!r} is a {adapted.task} adapter; use `peftkit generate` for it.")
-    rows = D.read_rows(file) if file else []
+    rows = D.read_rows(file, "--file") if file else []
     column = text_column or (D.pick_column(None, D.TEXT_COLUMNS, list(rows[0]), "text-column") if rows else None)
     texts = list(text or []) + [str(r[column]) for r in rows]
     if not texts:
@@ -39,7 +39,7 @@ def predict(
                 typer.echo(f"{predicted[-1]}\t{float(p.max()):.3f}\t{row_text}")
     gold_column = D.pick_column(None, D.LABEL_COLUMNS, list(rows[0]), "label-column") if rows else None
     if gold_column:
-        gold = [str(r[gold_column]).strip() for r in rows]
+        gold = [D.label_key(r[gold_column]) for r in rows]  # '01' is class '1', as in training
         right = sum(p == g for p, g in zip(predicted[len(text or []) :], gold))
         typer.echo(f"accuracy {right / len(gold):.4f} on {len(gold)} rows of {file}")
 

@@ -9,6 +9,7 @@ and renamed when complete; the oldest ones beyond ``save_total_limit`` are remov
 
 from __future__ import annotations
 
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -68,7 +69,7 @@ def save_checkpoint(trainer: Trainer) -> None:
 
 def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     """Put the run back where the checkpoint in ``folder`` left it (same settings required)."""
-    saved = torch.load(folder / STATE_NAME, weights_only=True)
+    saved = read_state(folder)
     changed = sorted(
         k for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES and getattr(trainer.config, k) != v
     )
@@ -85,6 +86,29 @@ def load_checkpoint(trainer: Trainer, folder: Path) -> None:
     rng = saved["rng"][trainer.acc.process_index]
     torch.set_rng_state(rng["torch"])
     random.setstate(_as_python_state(rng["python"]))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """``folder``'s trainer state, read without unpickling code; CheckpointError when it is missing or unreadable."""
+    path = folder / STATE_NAME
+    fix = f"delete {folder} to resume from the checkpoint before it, or drop --resume to start afresh"
+    if not path.is_file():
+        raise CheckpointError(f"--resume: {folder} has no {STATE_NAME} (the run stopped while writing it?); {fix}.")
+    try:
+        saved = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err):
+            raise CheckpointError(f"--resume: {path} is truncated or corrupt; {fix}.") from None
+        raise CheckpointError(  # torch's own message advises weights_only=False, which would run the file's code
+            f"--resume: {path} holds objects other than tensors and plain containers, which peftkit does not "
+            f"load (unpickling them could run code); peftkit writes no such file. {fix[0].upper()}{fix[1:]}."
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"--resume: {path} is truncated or corrupt ({type(err).__name__}); {fix}.") from None
+    missing = sorted({"state", "history", "optimizer", "scheduler", "rng", "config"} - set(saved))
+    if missing:
+        raise CheckpointError(f"--resume: {path} lacks {choices(missing)}; it is not peftkit's trainer state; {fix}.")
+    return saved
 
 
 def restore_adapter(trainer: Trainer, folder: Path, saved: dict[str, Any]) -> None:
@@ -140,9 +164,3 @@ def _as_python_state(state: Any) -> tuple:
     """random.setstate needs tuples; a saved state may come back with lists."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
-
-
-def clear_previous_run(out: Path) -> None:
-    """A fresh run (no --resume) starts without the checkpoints and best adapter of an earlier one."""
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    shutil.rmtree(out / "best", ignore_errors=True)

@@ -12,6 +12,7 @@ import csv
 import importlib.util
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,32 +30,64 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "Quality", "class", "target")
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "source")
 RESPONSE_COLUMNS = ("output", "response", "answer", "completion", "target_text")
 IGNORE = -100  # label positions the loss skips (the prompt, padding)
+SHOWN_ROWS = 5  # row numbers named in an error
 
 TWEETS_DEV_ROWS = 2000
 TWEETS_SPLIT_SEED = 1234
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a csv / tsv / json (list of records) / jsonl file."""
+def read_rows(path: str | Path, flag: str = "--data") -> list[dict[str, Any]]:
+    """Rows of a csv / tsv / json (list of records, or {column: [values]}) / jsonl file (UTF-8).
+
+    Problems are ConfigErrors naming ``flag`` and the file (and the line of a broken jsonl record)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ConfigError(f"--data {str(path)!r}: unsupported file type {suffix!r}; use one of {choices(SUFFIXES)}.")
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        if suffix == ".csv":
-            return list(csv.DictReader(fh))
-        if suffix == ".tsv":
-            return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in fh if line.strip()]
-        data = json.load(fh)
+        raise ConfigError(f"{flag} {str(path)!r}: unsupported file type {suffix!r}; use one of {choices(SUFFIXES)}.")
+    if not path.is_file():
+        raise ConfigError(f"{flag} {str(path)!r} does not exist (or is not a file).")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            rows = _parse(fh, suffix, f"{flag} {str(path)!r}")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{flag} {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "save it as UTF-8."
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"{flag} {str(path)!r} cannot be read ({err.strerror or err}).") from None
+    bad = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
+    if bad is not None:
+        raise ConfigError(f"{flag} {str(path)!r}: record {bad} is not an object of column values: {rows[bad - 1]!r}.")
+    return rows
+
+
+def _parse(fh, suffix: str, where: str) -> list:
+    if suffix in (".csv", ".tsv"):
+        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        return list(csv.DictReader(fh, **dialect))
+    if suffix == ".jsonl":
+        return [_json(line, f"{where}, line {n}") for n, line in enumerate(fh, 1) if line.strip()]
+    data = _json(fh.read(), where)
     if isinstance(data, dict):  # {"column": [values...]} or {"data": [records]}
         if "data" in data and isinstance(data["data"], list):
             return data["data"]
-        columns = list(data)
-        return [dict(zip(columns, values)) for values in zip(*data.values())]
-    return list(data)
+        if all(isinstance(v, list) for v in data.values()):
+            return [dict(zip(data, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        raise ConfigError(
+            f"{where} holds a JSON {type(data).__name__}; a .json data file is a list of records "
+            '([{"text": ..., "label": ...}, ...]) or {column: [values]}.'
+        )
+    return data
+
+
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where} is not valid JSON ({err.msg}, column {err.colno}).") from None
 
 
 def package_dir(name: str) -> Path | None:
@@ -113,10 +146,10 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
                     f"and optionally one of {choices(DEV_NAMES)} with the same suffix."
                 )
             dev_file = _find(path, DEV_NAMES)
-            train = read_rows(train_file)
-            dev = read_rows(dev_file) if dev_file else None
+            train = _checked(read_rows(train_file), config, train_file)
+            dev = _checked(read_rows(dev_file), config, dev_file) if dev_file else None
         elif path.is_file():
-            train, dev = read_rows(path), None
+            train, dev = _checked(read_rows(path), config, path), None
         else:
             raise ConfigError(
                 f"--data {ref!r} is neither a file, a folder nor a built-in dataset. Built-in: 'tweets'; "
@@ -130,6 +163,16 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     if not train:
         raise ConfigError(f"--data {ref!r} has no training rows.")
     return train[: config.max_train_rows], dev[: config.max_eval_rows]
+
+
+def _checked(rows: list[dict], config: TrainConfig, path: Path) -> list[dict]:
+    """``rows`` of one file, with every label cell filled in (classification), checked before any shuffle so
+    that errors name the file's own row numbers."""
+    if rows:
+        columns = detect_columns(rows, config)
+        if columns.task == "classification":
+            check_labels(rows, columns.label, f"--data {str(path)!r}")
+    return rows
 
 
 # ---- columns and task ------------------------------------------------------------------------------------
@@ -180,12 +223,39 @@ def detect_columns(rows: list[dict], config: TrainConfig) -> Columns:
     return Columns(task, text=text, pair=pair, label=label)
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def label_key(value: Any) -> str:
+    """A label cell as a class name. Labels that are numbers are compared by value: '1', '01', '+1', '1.0' and 1
+    are all class '1' (a non-integer keeps Python's shortest form: '0.50' -> '0.5'); other text is kept as it is,
+    without surrounding spaces."""
+    text = str(value).strip()
+    if not NUMBER.fullmatch(text):
+        return text
+    number = float(text)
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
 def label_names(rows: list[dict], column: str) -> list[str]:
-    """Sorted distinct labels (numerically when they are all integers)."""
-    values = {str(row[column]).strip() for row in rows}
-    if all(v.lstrip("-").isdigit() for v in values):
-        return sorted(values, key=int)
+    """Sorted distinct labels (numerically when they are all numbers)."""
+    values = {label_key(row[column]) for row in rows}
+    if all(NUMBER.fullmatch(v) for v in values):
+        return sorted(values, key=float)
     return sorted(values)
+
+
+def check_labels(rows: list[dict], column: str, where: str) -> None:
+    """Refuse rows whose label cell is missing or empty (they would become classes 'None' and '')."""
+    holes = [i for i, row in enumerate(rows, 1) if row.get(column) is None or not str(row[column]).strip()]
+    if holes:
+        shown = ", ".join(map(str, holes[:SHOWN_ROWS])) + (
+            f" and {len(holes) - SHOWN_ROWS} more" if len(holes) > SHOWN_ROWS else ""
+        )
+        raise ConfigError(
+            f"{where}: rows {shown} (counting data rows from 1) have no value in the label column {column!r}; "
+            "fill them in or remove those rows."
+        )
 
 
 # ---- encoding ------------------------------------------------------------------------------------------
@@ -216,14 +286,14 @@ def prepare(config: TrainConfig, tokenizer) -> Encoded:
 
 def encode_classification(rows: list[dict], cols: Columns, tokenizer, labels: list[str], max_length: int) -> list:
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({str(r[cols.label]).strip() for r in rows} - set(index))
+    unknown = sorted({label_key(r[cols.label]) for r in rows} - set(index))
     if unknown:
         raise ConfigError(f"Dev labels {choices(unknown)} never occur in the training data ({choices(labels)}).")
     texts = [str(r[cols.text]) for r in rows]
     pairs = [str(r[cols.pair]) for r in rows] if cols.pair else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = list(enc.keys())
-    return [{**{k: enc[k][i] for k in keys}, "labels": index[str(r[cols.label]).strip()]} for i, r in enumerate(rows)]
+    return [{**{k: enc[k][i] for k in keys}, "labels": index[label_key(r[cols.label])]} for i, r in enumerate(rows)]
 
 
 def prompt_text(row: dict, cols: Columns, tokenizer) -> str:

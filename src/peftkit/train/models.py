@@ -85,14 +85,30 @@ def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Modul
     if task == "classification":
         if labels is None:  # keep the folder's own head size (2 for a model saved without one)
             return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
-        return AutoModelForSequenceClassification.from_pretrained(
-            folder,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-            dtype=torch.float32,
-        )
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(
+                folder,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                dtype=torch.float32,
+            )
+        except RuntimeError as err:
+            if "mismatched" not in str(err):
+                raise
+            raise _head_mismatch(ref, folder, labels) from None
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def _head_mismatch(ref: str, folder: Path, labels: list[str]) -> ConfigError:
+    """The error for data whose class count differs from the classifier head saved in the model folder."""
+    saved = json.loads((folder / "config.json").read_text())
+    outputs = len(saved.get("id2label") or {}) or saved.get("num_labels", "another number of")
+    return ConfigError(
+        f"The data has {len(labels)} labels ({choices(labels)}), but --model {ref!r} holds a trained classifier head "
+        f"with {outputs} outputs. Train on data with the head's {outputs} classes, or pass a folder of the encoder "
+        "without its head (AutoModel.from_pretrained(...).save_pretrained(...)) so that a new head is created."
+    )
 
 
 TASK_TYPES = {"classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}

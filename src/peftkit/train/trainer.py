@@ -39,6 +39,7 @@ from peftkit.train import data as D
 from peftkit.train.config import TrainConfig
 from peftkit.train.metrics import HIGHER_IS_BETTER, classification_metrics, lm_metrics
 from peftkit.train.models import TASK_TYPES, load_tokenizer
+from peftkit.train.output_dir import clear_previous_run, writable_dir
 from peftkit.train.result import MemoryMonitor, TrainResult
 from peftkit.train.setup import (
     best_metric,
@@ -277,12 +278,13 @@ class Trainer:
 
     def _start(self, resume: bool) -> None:
         """Continue from the latest checkpoint, or clear what a previous run left; record the settings."""
+        if self.main:
+            writable_dir(self.out, "--output-dir")  # creates it
         if resume:
             self.load_checkpoint(self.latest_checkpoint())
         elif self.main:
-            checkpoint.clear_previous_run(self.out)
+            clear_previous_run(self.out)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
             self.config.save_yaml(self.out / "train_config.yaml")
 
     def _loop(self) -> None:
