@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -17,12 +18,26 @@ from peftkit.methods.lora.layers import LoraLayer, factors_of
 COMBINATION_CHOICES = ("svd", "linear", "cat", *(c for c in COMBINATIONS if c != "linear"))
 
 
+def _svd_rank(layer: LoraLayer, present: list[str], svd_rank: int | None) -> int:
+    """``svd_rank`` (default: the largest rank present) clamped to min(out, in) of the layer's ΔW: a rank above it
+    only adds zero rows and columns (and ``svd_rank=10**6`` would allocate them)."""
+    a, b = factors_of(layer, present[0])  # A (r, in, ...), B (out, r, ...)
+    return min(svd_rank or max(layer.r[n] for n in present), b.shape[0], a[0].numel())
+
+
 def _layer_plan(layer: LoraLayer, present: list[str], combination_type: str, svd_rank: int | None) -> int:
     ranks = [layer.r[n] for n in present]
+    groups = getattr(layer.get_base_layer(), "groups", 1)
+    if groups > 1 and combination_type in ("cat", "svd"):
+        raise ConfigError(
+            f"combination_type={combination_type!r} cannot combine LoRA on a grouped convolution (groups={groups}): "
+            "its B is grouped by rank, so neither stacked ranks nor an SVD of ΔW keep its layout. Use 'linear' (equal "
+            "ranks) or leave grouped convolutions out of the adapters."
+        )
     if combination_type == "cat":
         return sum(ranks)
     if combination_type == "svd":
-        return svd_rank or max(ranks)
+        return _svd_rank(layer, present, svd_rank)
     if len(set(ranks)) > 1:
         raise ConfigError(
             f"combination_type={combination_type!r} combines the factors entry by entry, so every adapter needs "
@@ -76,11 +91,7 @@ def combine(
             f"combination_type={combination_type!r} scales factors by sqrt(weight); weights {weights} "
             "must be >= 0. Use 'cat' or 'svd' for negative weights."
         )
-    plan = {}  # path -> (layer, adapters present, new rank)
-    for path, layer in adapter_layers(peft_model.model):
-        present = [n for n in adapters if isinstance(layer, LoraLayer) and n in layer.r]
-        if present:
-            plan[path] = (layer, present, _layer_plan(layer, present, combination_type, svd_rank))
+    plan = _plan(peft_model, adapters, combination_type, svd_rank)
     ranks = [r for *_, r in plan.values()]
     r0 = max(set(ranks), key=ranks.count)
     odd = {re.escape(p): r for p, (*_, r) in plan.items() if r != r0}
@@ -96,6 +107,7 @@ def combine(
         alpha_pattern=dict(odd),
         use_rslora=False,
         init_lora_weights=False,
+        lora_bias=any(peft_model.peft_config[n].lora_bias for n in adapters),
     )
     peft_model.add_adapter(new_name, config)
     kw = {"density": density, "majority_sign_method": majority_sign_method, "generator": generator}
@@ -107,7 +119,42 @@ def combine(
                     factors_of(layer, new_name), _combined_factors(layer, present, w, combination_type, rank, **kw)
                 ):
                     dst.copy_(src)
+                _combine_bias(layer, present, w, new_name)
             mean_head_copies(peft_model, adapters, weights, new_name)
     except Exception:
         peft_model.delete_adapter(new_name)
         raise
+
+
+def _plan(
+    peft_model: AdapterHost, adapters: list[str], combination_type: str, svd_rank: int | None
+) -> dict[str, tuple[LoraLayer, list[str], int]]:
+    """path -> (layer, adapters present on it, the combination's rank there); warns once when ``svd_rank`` was
+    clamped to a layer's min(out, in)."""
+    plan = {}
+    for path, layer in adapter_layers(peft_model.model):
+        present = [n for n in adapters if isinstance(layer, LoraLayer) and n in layer.r]
+        if present:
+            plan[path] = (layer, present, _layer_plan(layer, present, combination_type, svd_rank))
+    clamped = {p: r for p, (*_, r) in plan.items() if combination_type == "svd" and svd_rank and r < svd_rank}
+    if clamped:
+        warnings.warn(
+            f"svd_rank={svd_rank} exceeds min(out_features, in_features) of {len(clamped)} layer(s); their combined "
+            f"adapter uses that full rank instead (e.g. {dict(list(clamped.items())[:3])}), which is exact there.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return plan
+
+
+def _combine_bias(layer: LoraLayer, present: list[str], weights: list[float], new_name: str) -> None:
+    """lora_bias: the combination's B bias (its scale is 1) is sum_i w_i s_i c_i, the weighted sum of what each
+    adapter adds to the outputs (adapters without a bias add 0)."""
+    b_new = getattr(layer, layer.adapter_param_names[1])[new_name]
+    if getattr(b_new, "bias", None) is None:
+        return
+    b_new.bias.zero_()
+    for name, w in zip(present, weights, strict=True):
+        c = layer.bias_delta(name)
+        if c is not None:
+            b_new.bias += w * c

@@ -11,6 +11,8 @@ from peftkit.errors import choices
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = (True, False, "gaussian")
+# peft 0.21's other initialisations (data- or weight-driven): refused by name until peftkit implements them.
+PEFT_ONLY_INITS = ("pissa", "pissa_niter_<n>", "olora", "loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
 
 
 @dataclass(kw_only=True)
@@ -51,7 +53,6 @@ class LoraConfig(TargetingConfig):
     }
     foreign_defaults: ClassVar[dict[str, Any]] = {
         "use_dora": False,
-        "lora_bias": False,
         "layer_replication": None,
         "loftq_config": {},
         "eva_config": None,
@@ -84,6 +85,10 @@ class LoraConfig(TargetingConfig):
     init_lora_weights: bool | str = field(
         default=True, metadata={"help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random."}
     )
+    lora_bias: bool = field(
+        default=False,
+        metadata={"help": "Give B a trainable bias (zero at init); merging adds s * that bias to the base bias."},
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Per-module rank: {name-or-regex: r}."}
     )
@@ -99,10 +104,7 @@ class LoraConfig(TargetingConfig):
             problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.bias not in BIAS_CHOICES:
             problems.append(f"bias={self.bias!r} is not one of {choices(BIAS_CHOICES)}.")
-        if self.init_lora_weights not in INIT_CHOICES or (
-            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
-        ):
-            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be True, False or 'gaussian'.")
+        problems.extend(_init_problems(self.init_lora_weights))
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             problems.append(f"rank_pattern has non-positive ranks {bad}; every rank must be a positive integer.")
@@ -121,3 +123,19 @@ def _pattern_value(pattern: dict, module_name: str, default):
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+def _init_problems(init: object) -> list[str]:
+    """init_lora_weights must be one of INIT_CHOICES (an int such as 1 is not True); peft's other values are named
+    as not implemented, anything else as unknown."""
+    if isinstance(init, bool) or (isinstance(init, str) and init in INIT_CHOICES):
+        return []
+    supported = "True (A Kaiming-uniform, B = 0), False (random A and B) or 'gaussian' (A ~ N(0, 1/r), B = 0)"
+    name = init.split("_niter_")[0] if isinstance(init, str) else None
+    if name in {i.split("_niter_")[0] for i in PEFT_ONLY_INITS}:
+        return [
+            f"init_lora_weights={init!r} is a peft initialisation peftkit does not implement yet; supported: "
+            f"{supported}. Initialise with one of those; an adapter peft trained from PiSSA / OLoRA loads once peft "
+            "has converted it to plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        ]
+    return [f"init_lora_weights={init!r} is not a LoRA initialisation; use {supported}."]

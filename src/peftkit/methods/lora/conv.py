@@ -1,5 +1,11 @@
 """LoRA on convolutions: A is a convolution with the base layer's kernel, stride and padding, B a 1x1 one, so
-ΔW[o, i, ...] = s * sum_r B[o, r] A[r, i, ...]."""
+ΔW[o, i, ...] = s * sum_r B[o, r] A[r, i, ...].
+
+Grouped convolutions (groups = g > 1) follow peft: A is a dense convolution (in -> r), B a grouped 1x1 one
+(r -> out in g groups, r divisible by g). The update then reads every input channel while the base weight of
+output channel o only holds the in / g channels of its group, so it has no weight-shaped ΔW: such a layer
+trains, saves, loads and routes, but cannot merge (peft refuses too).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, MergeError
+from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layers import LoraLayer, LoraLinear
 
 
@@ -23,10 +30,18 @@ class _LoraConv(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def create(self, adapter_name: str, r: int) -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        groups, r = self.get_base_layer().groups, config.rank_for(module_name)
+        if r % groups:
+            raise ConfigError(
+                f"{module_name!r} is a convolution with groups={groups}: LoRA's B is grouped like it, so the rank "
+                f"must be divisible by {groups}; r={r} is not. Choose r={groups * max(1, r // groups)} (rank_pattern "
+                "for this module alone), or exclude it."
+            )
+        super().update_layer(adapter_name, config, module_name)
+
+    def create(self, adapter_name: str, r: int, bias: bool) -> None:
         base = self.get_base_layer()
-        if base.groups != 1:
-            raise ConfigError(f"LoRA on grouped convolutions (groups={base.groups}) is not supported; exclude it.")
         self.lora_A[adapter_name] = self.conv_class(
             base.in_channels,
             r,
@@ -37,9 +52,19 @@ class _LoraConv(LoraLayer):
             bias=False,
             padding_mode=base.padding_mode,
         )
-        self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, 1, 1, bias=False)
+        self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, 1, 1, groups=base.groups, bias=bias)
 
     reset = LoraLinear.reset
+
+    def check_mergeable(self, adapter_names: list[str]) -> None:
+        groups = self.get_base_layer().groups
+        if groups > 1 and adapter_names:
+            raise MergeError(
+                f"LoRA on a grouped convolution (groups={groups}) cannot merge: its update reads every input channel, "
+                f"the base weight only in_channels / {groups} per output channel (peft refuses too). Keep adapters "
+                f"{adapter_names} unmerged, or exclude grouped convolutions from target_modules."
+            )
+        super().check_mergeable(adapter_names)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight  # (r, in, *k), (out, r, 1..)

@@ -33,29 +33,44 @@ def _describe(
     return config.replace(r=r0, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=False)
 
 
+def _check_layer(path: str, layer: LoraLayer, name: str, tensors: dict[str, torch.Tensor]) -> tuple:
+    """(keys, layer, A, B, new A, new B, new B bias or None) for one layer, or CheckpointError when they do not fit.
+
+    On a grouped convolution (groups g) B holds r / g columns per output and its groups fix the rank: no padding."""
+    keys, (a, b) = [f"{path}.{k}" for k in layer.adapter_state_dict(name)], factors_of(layer, name)
+    new_a, new_b = tensors[keys[0]], tensors[keys[1]]
+    new_c = tensors.get(keys[2]) if len(keys) > 2 else None  # lora_B.bias under lora_bias
+    r, groups = new_a.shape[0], getattr(layer.get_base_layer(), "groups", 1)
+    fits = r <= a.shape[0] and (groups == 1 or r == a.shape[0])
+    if not fits or new_a.shape[1:] != a.shape[1:] or new_b.shape != (b.shape[0], r // groups, *b.shape[2:]):
+        raise CheckpointError(
+            f"{path!r}: the checkpoint's factors {tuple(new_a.shape)}, {tuple(new_b.shape)} do not fit the loaded "
+            f"{tuple(a.shape)}, {tuple(b.shape)}. Ranks above the loaded one need padding first: "
+            f"prepare_model_for_compiled_hotswap(model, target_rank={r}) before compiling (grouped convolutions "
+            "keep their rank)."
+        )
+    if len(keys) > 2 and new_c is None:
+        raise CheckpointError(f"{path!r}: the loaded adapter has lora_bias=True; the checkpoint has no {keys[2]!r}.")
+    return keys, layer, a, b, new_a, new_b, new_c
+
+
 def hotswap(peft_model: AdapterHost, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]):
     """Check a checkpoint's factors against the loaded (possibly padded) ones; return the keys handled, a function
     that writes them (A into the first r rows, B into the first r columns, zeros elsewhere) and the new config."""
     writes, scales = [], {}
     for path, layer in _lora_layers(peft_model, name):
-        keys, (a, b) = [f"{path}.{k}" for k in layer.adapter_state_dict(name)], factors_of(layer, name)
-        new_a, new_b = tensors[keys[0]], tensors[keys[1]]
-        r = new_a.shape[0]
-        if r > a.shape[0] or new_a.shape[1:] != a.shape[1:] or new_b.shape != (b.shape[0], r, *b.shape[2:]):
-            raise CheckpointError(
-                f"{path!r}: the checkpoint's factors {tuple(new_a.shape)}, {tuple(new_b.shape)} do not fit the loaded "
-                f"{tuple(a.shape)}, {tuple(b.shape)}. Ranks above the loaded one need padding first: "
-                f"prepare_model_for_compiled_hotswap(model, target_rank={r}) before compiling."
-            )
-        alpha = config.alpha_for(path)
+        write = _check_layer(path, layer, name, tensors)
+        r, alpha = write[4].shape[0], config.alpha_for(path)
         scales[path] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        writes.append((keys, layer, a, b, new_a, new_b, scales[path]))
+        writes.append((*write, scales[path]))
 
     def commit() -> None:
-        for _, layer, a, b, new_a, new_b, scale in writes:
-            r = new_a.shape[0]
-            a.zero_()[:r].copy_(new_a.to(a))
+        for _, layer, a, b, new_a, new_b, new_c, scale in writes:
+            r = new_b.shape[1]
+            a.zero_()[: new_a.shape[0]].copy_(new_a.to(a))
             b.zero_()[:, :r].copy_(new_b.to(b))
+            if new_c is not None:
+                getattr(layer, layer.adapter_param_names[1])[name].bias.copy_(new_c)
             if isinstance(layer.scaling[name], torch.Tensor):  # compile-stable: same tensor, new value
                 layer.scaling[name].fill_(scale)
             else:
@@ -89,6 +104,12 @@ def prepare_hotswap(peft_model: AdapterHost, name: str, target_rank: int | None)
     too_big = {p: m.r[name] for p, m in layers if m.r[name] > target}
     if too_big:
         raise ConfigError(f"target_rank={target} is below adapter {name!r}'s ranks {too_big}; raise it.")
+    grouped = {p: m.get_base_layer().groups for p, m in layers if getattr(m.get_base_layer(), "groups", 1) > 1}
+    if any(layers_r < target for layers_r in (m.r[name] for p, m in layers if p in grouped)):
+        raise ConfigError(
+            f"target_rank={target} would pad LoRA on grouped convolutions {grouped}, whose B is grouped by rank, so "
+            "zero padding would move ranks between groups. Use target_rank equal to their rank, or exclude them."
+        )
     for _, layer in layers:
         if layer.r[name] < target:
             _pad(layer, layer.adapter_param_names[0], name, 0, target)  # A: (r, ...)

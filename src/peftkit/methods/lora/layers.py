@@ -1,30 +1,35 @@
 """LoRA layers on nn.Linear / GPT-2 Conv1D and nn.Embedding, and what every LoRA layer shares.
 
-h = W x + s B A x with s = alpha / r (alpha / sqrt(r) under rsLoRA); merge is W += s B A, unmerge W -= s B A.
+h = W x + s (B A x + c) with s = alpha / r (alpha / sqrt(r) under rsLoRA) and c B's bias (``lora_bias=True``, else
+0); merge is W += s B A, b += s c, and unmerge its exact inverse W -= s B A, b -= s c.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import WrapsInPlace
 from peftkit.core.targeting import is_conv1d_gpt2
+from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora.config import LoraConfig
 
 
-class LoraLayer(AdapterLayer):
-    """What every LoRA layer shares: ranks, scalings, merge as W ± ΔW, and per-row routing.
+class LoraLayer(WrapsInPlace):
+    """What every LoRA layer shares: ranks, scalings, merge as W ± ΔW (and b ± s c), and per-row routing.
 
     Subclasses create the factors (``create``), give them as matrices (``factors``: A (r, in), B (out, r))
-    and turn them into a weight-shaped delta (``delta_weight``).
+    and turn them into a weight-shaped delta (``delta_weight``). Attributes the layer does not have itself
+    (``in_features``, ``out_features``, ``kernel_size``...) are read from the wrapped module, as third-party code
+    expects of peft's layers.
     """
 
     adapter_other_names = ("lora_dropout", "scaling", "r")
+    supports_lora_bias: ClassVar[bool] = True  # whether B can carry a bias (``lora_bias=True``)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -39,10 +44,15 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         p = config.lora_dropout
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
-        weight = self.get_base_layer().weight
+        if config.lora_bias and not self.supports_lora_bias:
+            raise ConfigError(
+                f"lora_bias=True is not supported on {module_name!r} ({type(self).__name__}); as in peft, B carries a "
+                "bias only on Linear, GPT-2 Conv1D and convolution layers. Set lora_bias=False or exclude the module."
+            )
+        weight = self.reference_weight()
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.device("meta"):  # no throw-away init: allocate once on the base's device, initialise once
-            self.create(adapter_name, r)
+            self.create(adapter_name, r, config.lora_bias)
         for attr in self.adapter_param_names:
             holder = getattr(self, attr)
             if isinstance(holder[adapter_name], nn.Parameter):
@@ -54,6 +64,10 @@ class LoraLayer(AdapterLayer):
         with torch.no_grad():
             self.reset(adapter_name, config.init_lora_weights)
 
+    def reference_weight(self) -> torch.Tensor:
+        """The base tensor whose device (and float dtype) the factors take."""
+        return self.get_base_layer().weight
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight: model code reads it through the wrapper (T5 casts to ``wo.weight.dtype``)."""
@@ -63,7 +77,7 @@ class LoraLayer(AdapterLayer):
     def bias(self) -> torch.Tensor | None:
         return self.get_base_layer().bias
 
-    def create(self, adapter_name: str, r: int) -> None:  # pragma: no cover - interface
+    def create(self, adapter_name: str, r: int, bias: bool) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
     def reset(self, adapter_name: str, init: bool | str) -> None:  # pragma: no cover - interface
@@ -75,23 +89,47 @@ class LoraLayer(AdapterLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def bias_delta(self, adapter_name: str) -> torch.Tensor | None:
+        """s c: what ``lora_bias`` adds to every output (out,), or None without a bias on B."""
+        b = getattr(self, self.adapter_param_names[1])[adapter_name]
+        c = getattr(b, "bias", None)  # a bare Parameter B (embeddings) has none
+        return None if c is None else c * self.scaling[adapter_name]
+
+    def check_mergeable(self, adapter_names: list[str]) -> None:
+        """MergeError before anything changes when an adapter's B bias has no base bias to fold into."""
+        with_bias = [n for n in adapter_names if self.bias_delta(n) is not None]
+        if with_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            raise MergeError(
+                f"Adapters {with_bias} have lora_bias=True but the wrapped {type(self.get_base_layer()).__name__} "
+                "has no bias to fold it into, so they cannot merge (as in peft). Keep them unmerged."
+            )
+
     def merge(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
+        self.check_mergeable(adapter_names)
+        base = self.get_base_layer()
         with torch.no_grad():
             for name in adapter_names:
-                weight += self.delta_weight(name).to(weight.dtype)
+                base.weight += self.delta_weight(name).to(base.weight.dtype)
+                c = self.bias_delta(name)
+                if c is not None:
+                    base.bias += c.to(base.bias.dtype)
                 self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        weight = self.get_base_layer().weight
+        base = self.get_base_layer()
         with torch.no_grad():
             while self.merged_adapters:
-                weight -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+                name = self.merged_adapters.pop()
+                base.weight -= self.delta_weight(name).to(base.weight.dtype)
+                c = self.bias_delta(name)
+                if c is not None:
+                    base.bias -= c.to(base.bias.dtype)
 
     @torch.no_grad()
-    def stacked_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Routed adapters' factors, ranks zero-padded: A (n, in, r_max), B (n, r_max, out), scaling folded
-        into B, zeros for the base model. Cached until a factor changes (tensor version counters)."""
+        into B, zeros for the base model, and the B biases s c (n, out) (None when no adapter has one). Cached until
+        a factor changes (tensor version counters)."""
         names = self.routing.names
         params = [p for n in names if n in self.r for p in self.adapter_parameters(n)]
         key = (names, dtype, tuple((id(p), p._version) for p in params), tuple(self.scaling.get(n) for n in names))
@@ -106,8 +144,15 @@ class LoraLayer(AdapterLayer):
                 a, b = self.factors(name)
                 a_stack[k, :, : a.shape[0]] = a.T
                 b_stack[k, : b.shape[1], :] = (b * self.scaling[name]).T
-        self._stack_cache = (key, (a_stack, b_stack))
-        return a_stack, b_stack
+        biases = {k: self.bias_delta(n) for k, n in enumerate(names) if n in self.r}
+        c_stack = None
+        if any(c is not None for c in biases.values()):
+            c_stack = b_stack.new_zeros(len(names), b_stack.shape[2])
+            for k, c in biases.items():
+                if c is not None:
+                    c_stack[k] = c
+        self._stack_cache = (key, (a_stack, b_stack, c_stack))
+        return a_stack, b_stack, c_stack
 
     def has_routed_adapters(self) -> bool:
         return any(n in self.r for n in self.routing.names)
@@ -124,12 +169,12 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ModuleDict()
         self.fan_in_fan_out = is_conv1d_gpt2(self.get_base_layer())
 
-    def create(self, adapter_name: str, r: int) -> None:
+    def create(self, adapter_name: str, r: int, bias: bool) -> None:
         out_f, in_f = self.get_base_layer().weight.shape
         if self.fan_in_fan_out:
             in_f, out_f = out_f, in_f
         self.lora_A[adapter_name] = nn.Linear(in_f, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, out_f, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, out_f, bias=bias)
 
     def reset(self, adapter_name: str, init: bool | str) -> None:
         if init is False:  # the layers' own random init for A and B: not an identity at start
@@ -142,6 +187,8 @@ class LoraLinear(LoraLayer):
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_B[adapter_name].bias is not None:  # lora_bias: zero too, so the start is the identity
+            nn.init.zeros_(self.lora_B[adapter_name].bias)
 
     def factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -190,21 +237,28 @@ class LoraLinear(LoraLayer):
         return delta.reshape(x2.shape[0], -1).addmm_(x2, weight_t).reshape(*x.shape[:-1], -1)
 
     def _delta(self, x2: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
-        """bias + sum_a s_a (x A_a^T) B_a^T for rows x2 (N, in); the scale is applied to the small (N, r) term."""
+        """bias + sum_a s_a ((x A_a^T) B_a^T + c_a) for rows x2 (N, in); the scale is applied to the small (N, r)
+        term (c_a: B's bias under lora_bias, else 0)."""
         acc = bias
         for name in names:
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             h = lora_a(self.lora_dropout[name](x2.to(lora_a.weight.dtype))) * self.scaling[name]  # (N, r)
             acc = torch.mm(h, lora_b.weight.T) if acc is None else torch.addmm(acc, h, lora_b.weight.T)  # (N, out)
+            c = self.bias_delta(name)
+            if c is not None:
+                acc = acc + c
         return acc
 
     def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Each row through its own adapter with two batched matmuls over gathered factors (no row loop)."""
-        a_stack, b_stack = self.stacked_factors(x.dtype)  # (n, in, r), (n, r, out)
+        a_stack, b_stack, c_stack = self.stacked_factors(x.dtype)  # (n, in, r), (n, r, out), (n, out) or None
         rows = self.routing.rows(x.shape[0])  # (B,)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
         h = torch.bmm(flat, a_stack[rows])  # (B, T, r)
         b_rows = b_stack[rows]  # (B, r, out)
+        if c_stack is not None:
+            c_rows = c_stack[rows][:, None, :]  # (B, 1, out)
+            bias = c_rows if bias is None else bias + c_rows
         return torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)  # (B, T, out)
 
 
@@ -212,13 +266,14 @@ class LoraEmbedding(LoraLayer):
     """LoRA on nn.Embedding: A is an (r, num_embeddings) table looked up by token id, B maps r -> dim."""
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+    supports_lora_bias = False  # as in peft: B is a bare Parameter
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def create(self, adapter_name: str, r: int) -> None:
+    def create(self, adapter_name: str, r: int, bias: bool) -> None:
         num, dim = self.get_base_layer().weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, num))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
@@ -255,7 +310,7 @@ class LoraEmbedding(LoraLayer):
         return result
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
-        a_stack, b_stack = self.stacked_factors(self.get_base_layer().weight.dtype)  # (n, num, r), (n, r, dim)
+        a_stack, b_stack, _ = self.stacked_factors(self.get_base_layer().weight.dtype)  # (n, num, r), (n, r, dim)
         rows = self.routing.rows(x.shape[0])
         ids = x.reshape(x.shape[0], -1)  # (B, T)
         h = a_stack[rows[:, None], ids]  # (B, T, r)
