@@ -8,32 +8,65 @@ parameter names for a substring. A layer lists its own adapter containers in ``a
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from peftkit.errors import MergeError
+from peftkit.errors import MergeError, RoutingError
 
 BASE = "__base__"  # per-row adapter name meaning "no adapter"
+
+# What third-party code reads from an adapted layer as from the module it wraps (peft's tuner layers answer these too).
+DELEGATED = frozenset(
+    {"weight", "bias", "in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+     "padding", "dilation", "groups", "num_embeddings", "embedding_dim", "padding_idx", "nx", "nf"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Per-row adapters for one forward pass: row i uses ``names[index[i]]`` (``BASE`` = none)."""
+    """Per-row adapters for one forward pass: row i uses ``names[index[i]]`` (``BASE`` = none).
+
+    ``repeats`` marks a generate call, where beam search and ``num_return_sequences`` repeat each row k times.
+    """
 
     names: tuple[str, ...]
     index: torch.Tensor  # (B,) long
+    repeats: bool = False
 
     def rows(self, batch: int) -> torch.Tensor:
-        """The index for a batch of ``batch`` rows; beam search / sampling repeat each row k times."""
+        """The index for a batch of ``batch`` rows; only a generate call may repeat each row k times."""
         n = self.index.numel()
         if batch == n:
             return self.index
-        if batch % n == 0:
+        if self.repeats and batch % n == 0:
             return self.index.repeat_interleave(batch // n)
-        raise ValueError(f"per-row adapter_names has {n} entries but a layer saw a batch of {batch} rows")
+        raise RoutingError(
+            f"per-row adapter_names has {n} entries but a layer saw a batch of {batch} rows; give one name per row "
+            "of the batch the model runs (pass the batch as input_ids=, inputs_embeds=... so it can be checked)."
+        )
+
+
+# The per-row routing of the call in progress, per thread / asyncio task: concurrent calls never see each other's.
+_ROUTING: ContextVar[Routing | None] = ContextVar("peftkit_routing", default=None)
+# Layer-specific routings set inside that call (an enclosing layer routing a subset of rows through inner ones).
+_LAYER_ROUTING: ContextVar[dict[nn.Module, Routing | None]] = ContextVar("peftkit_layer_routing", default={})  # noqa: B039
+
+
+@contextmanager
+def routed(routing: Routing | None) -> Iterator[None]:
+    """Run the calls inside with this per-row routing (None: none), visible only to the current thread / task."""
+    token, layer_token = _ROUTING.set(routing), _LAYER_ROUTING.set({})
+    try:
+        yield
+    finally:
+        _LAYER_ROUTING.reset(layer_token)
+        _ROUTING.reset(token)
 
 
 class AdapterLayer(nn.Module):
@@ -54,7 +87,37 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.routing: Routing | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in DELEGATED:
+                raise
+            return getattr(self.base_layer, name)  # ``weight``, ``in_features``...: the wrapped module's
+
+    # ---- peft's tuner-layer state, read by third-party code -----------------------------------------------
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is merged into the base weights."""
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether the adapters are switched off (``PeftModel.disable_adapter()``), as peft's layers report it."""
+        return self.disabled
+
+    # ---- per-row routing (see ``routed``) -----------------------------------------------------------------
+    @property
+    def routing(self) -> Routing | None:
+        """The per-row routing of the call in progress in this thread / task, or None."""
+        own = _LAYER_ROUTING.get()
+        return own[self] if self in own else _ROUTING.get()
+
+    @routing.setter
+    def routing(self, value: Routing | None) -> None:
+        """Route this layer alone, until the enclosing ``routed`` call ends (this thread / task only)."""
+        _LAYER_ROUTING.set({**_LAYER_ROUTING.get(), self: value})
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: Any, module_name: str) -> None:  # pragma: no cover
@@ -148,10 +211,12 @@ class AdapterLayer(nn.Module):
 
     def routed_groups(self, batch: int) -> list[tuple[str, torch.Tensor]]:
         """(adapter name, row indices) for each adapter present in the per-row routing, BASE excluded."""
-        assert self.routing is not None
-        rows = self.routing.rows(batch)
+        routing = self.routing
+        if routing is None:
+            return []
+        rows = routing.rows(batch)
         groups = []
-        for k, name in enumerate(self.routing.names):
+        for k, name in enumerate(routing.names):
             if name == BASE or name not in self.adapter_names:
                 continue
             idx = (rows == k).nonzero(as_tuple=True)[0]

@@ -22,7 +22,7 @@ from peftkit.core.checkpoint import read_checkpoint, read_composition  # noqa: F
 from peftkit.core.compose import Composition, Parallel
 from peftkit.core.config import PeftConfig
 from peftkit.core.inject import replace_module
-from peftkit.core.layer import BASE, AdapterLayer, Routing
+from peftkit.core.layer import BASE, AdapterLayer, Routing, routed
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
 from peftkit.core.method import Call
 from peftkit.core.registry import method_of
@@ -221,7 +221,7 @@ class PeftModel(nn.Module):
         if not hasattr(self.model, "generate"):
             raise AttributeError(f"{type(self.model).__name__} has no generate(); use a causal LM or seq2seq model.")
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
-        with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, True) as call:
+        with self._routing(adapter_names, args, kwargs, True), self._prepared(args, kwargs, True) as call:
             return call.finish(self.model.generate(*call.args, **call.kwargs))
 
     @contextmanager
@@ -246,21 +246,17 @@ class PeftModel(nn.Module):
         return args, kwargs, block.row_names(batch)
 
     @contextmanager
-    def _routing(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
-        if adapter_names is None:
+    def _routing(
+        self, adapter_names: list[str] | None, args: tuple, kwargs: dict, for_generate: bool = False
+    ) -> Iterator[None]:
+        """The call's per-row routing, held in a ContextVar (core/layer.py ``routed``), not on the shared layers:
+        concurrent calls on one model (threads, asyncio tasks) each see their own."""
+        names = None if adapter_names is None else list(adapter_names)
+        routing = None if names is None else self._make_routing(names, _batch_size(args, kwargs), for_generate)
+        with routed(routing):
             yield
-            return
-        routing = self._make_routing(list(adapter_names), _batch_size(args, kwargs))
-        layers = [layer for _, layer in adapter_layers(self.model)]
-        for layer in layers:
-            layer.routing = routing
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.routing = None
 
-    def _make_routing(self, names: list[str], batch: int | None) -> Routing:
+    def _make_routing(self, names: list[str], batch: int | None, for_generate: bool = False) -> Routing:
         if self.training:
             raise RoutingError("adapter_names= routes rows for inference only; call model.eval() first.")
         unknown = sorted(set(names) - set(self.peft_config) - {BASE})
@@ -276,7 +272,7 @@ class PeftModel(nn.Module):
         unique = tuple(dict.fromkeys(names))
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         index = torch.tensor([unique.index(n) for n in names], dtype=torch.long, device=device)
-        return Routing(unique, index)
+        return Routing(unique, index, repeats=for_generate)  # generate: beams / sequences repeat rows
 
     # ---- merging ----------------------------------------------------------------------------------------
     def _check_mergeable(self, names: list[str]) -> None:
