@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from models import batch, build, clone, output, perturb
 from peftkit import DiffPruningConfig, LoraConfig, PeftModel, get_peft_model
+from peftkit.core.delta import logical, own_params
 from peftkit.core.layer import ModulesToSave
 from peftkit.errors import CheckpointError, ConfigError, MergeError
 from peftkit.methods.diff_pruning import DiffLayer, eval_gate, param_groups, prob_nonzero, sample_gate
-from peftkit.methods.freeze import logical, own_params
 
 TOL = 1e-5
 
@@ -288,3 +288,4 @@ def test_corrupt_checkpoint_is_refused_and_leaves_the_model_untouched(tmp_path):
         with pytest.raises(CheckpointError, match=message):
             PeftModel.from_pretrained(target, tmp_path)
         assert not any(isinstance(m, DiffLayer) for m in target.modules())
+

@@ -20,6 +20,9 @@ all N targeted entries, drops w and the gates, and keeps the support's values (t
 peftkit's trainer runs it after 3/4 of the steps (``METHOD.after_training_at``) and trains the rest of the run with
 a new optimizer whose groups ``param_groups`` gives at ``stage2_lr``.
 
+The gate and the projection, on plain tensors, are in methods/diff_pruning_l0.py; running the module with W + d
+(forward, per-row routing, merge) is core/delta.py's, shared with layer freezing.
+
 Memory: the base weights are never copied; before finalize the layer holds w and log α (the paper's training
 state), after it only the support's indices and values. Merge is W += d, unmerge W -= d.
 
@@ -33,22 +36,26 @@ written before loads as gated training state: w = d, gates open on the stored en
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from peftkit.core.delta import DeltaLayer, own_params, warn_tied
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, WrapsInPlace
 from peftkit.core.merge import adapter_layers
 from peftkit.core.method import AdapterHost, Method, Training
 from peftkit.core.targeting import TargetingConfig, find_targets, output_head_names
 from peftkit.errors import CheckpointError, ConfigError, MergeError, TargetNotFoundError
-from peftkit.methods.freeze import SHARED_INPUT_MODULES, logical, own_params, routed_forward, warn_tied
+from peftkit.methods.diff_pruning_l0 import eval_gate as eval_gate  # the gate's names: importable from here too
+from peftkit.methods.diff_pruning_l0 import magnitude_supports
+from peftkit.methods.diff_pruning_l0 import prob_nonzero as prob_nonzero
+from peftkit.methods.diff_pruning_l0 import sample_gate as sample_gate
 
 ALL = "all"
-EPS = 1e-6  # keeps log u and log(1 - u) finite
 
 
 @dataclass(kw_only=True)
@@ -114,31 +121,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
-# ---- the hard-concrete gate (Louizos et al. 2018, eqs. 9-13) --------------------------------------------------
-def sample_gate(log_alpha: torch.Tensor, temperature: float, low: float, high: float) -> torch.Tensor:
-    """A reparameterised training sample of z in [0, 1], exactly 0 or 1 with positive probability."""
-    u = torch.rand_like(log_alpha).clamp(EPS, 1 - EPS)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / temperature)
-    return (s * (high - low) + low).clamp(0, 1)
-
-
-def eval_gate(log_alpha: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """The deterministic gate used at evaluation, for merging and saving."""
-    return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0, 1)
-
-
-def prob_nonzero(log_alpha: torch.Tensor, temperature: float, low: float, high: float) -> torch.Tensor:
-    """P(z ≠ 0) = σ(log α - β log(-l / r)): each gate's share of the expected L0 norm."""
-    return torch.sigmoid(log_alpha - temperature * math.log(-low / high))
-
-
 class _Indices(nn.Module):
     """Integer buffers (one per tensor of the wrapped module): the fixed support's flat indices."""
 
 
 # ---- layer --------------------------------------------------------------------------------------------------
-class DiffLayer(WrapsInPlace):
-    """Runs the wrapped module with W + d for each of its own tensors; d gated (training) or on a fixed support."""
+class DiffLayer(DeltaLayer):
+    """Runs the wrapped module with W + d for each of its own tensors; d gated (training) or on a fixed support.
+    core/delta.py runs it (forward, per-row routing, merge W += d and unmerge W -= d) from ``held`` and ``delta``."""
 
     adapter_param_names = ("diff_w", "diff_log_alpha", "diff_group_log_alpha", "diff_values", "diff_index")
     adapter_other_names = ("gate_settings",)
@@ -148,10 +138,9 @@ class DiffLayer(WrapsInPlace):
         for attr in self.adapter_param_names:
             setattr(self, attr, nn.ModuleDict())
         self.gate_settings: dict[str, DiffPruningConfig] = {}
-        self.shared_input = False
 
     def update_layer(self, adapter_name: str, config: DiffPruningConfig, module_name: str) -> None:
-        self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES
+        self.set_shared_input(module_name)
         self.gate_settings[adapter_name] = config
         params = own_params(self)
         if config.finalized:  # empty support; the checkpoint loader sizes it (load_file_state)
@@ -187,22 +176,8 @@ class DiffLayer(WrapsInPlace):
             d = d * gate(self.diff_group_log_alpha[name][key])  # z_g z ⊙ w
         return d
 
-    def _run(self, names: list[str], args: tuple, kwargs: dict) -> Any:
-        prefix, module, weights = "", self.base_layer, {}
-        while isinstance(module, AdapterLayer):
-            module, prefix = module.base_layer, prefix + "base_layer."
-        sample = self.training
-        for key, param in own_params(self):
-            deltas = [self.delta(n, key, sample).to(param.dtype) for n in names if n in self.gate_settings]
-            if deltas:
-                weights[prefix + key] = param + sum(deltas)  # W + d, shape of W
-        return torch.func.functional_call(self.base_layer, weights, args, kwargs, tie_weights=False, strict=False)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.routing is not None and not self.disabled:
-            return routed_forward(self, self.gate_settings, args, kwargs)
-        live = [n for n in self.live_adapters() if n in self.gate_settings]
-        return self._run(live, args, kwargs) if live else self.base_layer(*args, **kwargs)
+    def held(self) -> Container[str]:
+        return self.gate_settings
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """l0_lambda * E[||d||_0] over the live adapters whose gates train (None when there is none)."""
@@ -220,21 +195,6 @@ class DiffLayer(WrapsInPlace):
                     expected = expected * prob_nonzero(group, c.temperature, c.stretch_l, c.stretch_r).sum()
                 losses.append(c.l0_lambda * expected)
         return torch.stack(losses).sum() if losses else None
-
-    # ---- merging: W <- W + d, unmerge W <- W - d ------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str]) -> None:
-        for name in adapter_names:
-            for key, param in own_params(self):
-                param.add_(self.delta(name, key).to(param.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        for name in reversed(self.merged_adapters):
-            for key, param in own_params(self):
-                param.sub_(self.delta(name, key).to(param.dtype))
-        self.merged_adapters.clear()
 
     # ---- stage two and the sparse checkpoint ---------------------------------------------------------------
     @torch.no_grad()
@@ -349,31 +309,19 @@ def finalize(peft_model: AdapterHost, target_density: float | None = None, adapt
             f"target_density={density!r} keeps no entry of the {total} targeted ones; use a share in (0, 1] "
             f"of at least {1 / total:.2g}."
         )
-    top = torch.empty(0)  # the k largest |d| seen so far: memory O(k), never a copy of all deltas
-    for layer, key in tensors:
-        magnitude = layer.delta(name, key).abs().flatten().float().cpu()
-        top = torch.cat([top, magnitude.topk(min(k, magnitude.numel())).values]).topk(min(k, len(top) + k)).values
-    threshold = top[k - 1]
-    supports, ties, n_above = [], [], 0
-    for layer, key in tensors:
-        magnitude = layer.delta(name, key).abs().flatten().float()
-        above = (magnitude > threshold).nonzero().squeeze(1)
-        equal = (magnitude == threshold).nonzero().squeeze(1)[: max(k - sum(len(t) for t in ties), 0)]
-        supports.append(above)
-        ties.append(equal)
-        n_above += above.numel()
-    need = k - n_above
-    for i, equal in enumerate(ties):
-        take, need = equal[:need], need - min(need, equal.numel())
-        ties[i] = take
+    magnitudes = [partial(_magnitude, layer, name, key) for layer, key in tensors]
     grouped: dict[int, dict[str, torch.Tensor]] = {}
-    for (layer, key), above, equal in zip(tensors, supports, ties, strict=True):
-        grouped.setdefault(id(layer), {})[key] = torch.cat([above, equal]).sort().values
+    for (layer, key), support in zip(tensors, magnitude_supports(magnitudes, k), strict=True):
+        grouped.setdefault(id(layer), {})[key] = support
     for layer in layers:
         layer.fix_support(name, grouped[id(layer)])
     config.finalized = True
     config.target_density = density
     return k
+
+
+def _magnitude(layer: DiffLayer, name: str, key: str) -> torch.Tensor:
+    return layer.delta(name, key).abs().flatten().float()  # |d|, flat
 
 
 def finish_training(peft_model: AdapterHost) -> None:

@@ -27,27 +27,22 @@ from __future__ import annotations
 
 import logging
 import re
-import warnings
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from peftkit.core.config import TASK_HEADS, PeftConfig
+from peftkit.core.delta import DeltaLayer, logical, own_params, warn_tied
 from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave, Routing, WrapsInPlace
+from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.method import Method, Training
-from peftkit.core.targeting import base_of
-from peftkit.errors import RoutingError, TargetNotFoundError
+from peftkit.errors import TargetNotFoundError
 
 logger = logging.getLogger("peftkit")
 
-# Modules whose first input is not batch-first (T5's relative position buckets: (query, key)); per-row routing
-# over them works only when every row uses the same adapter.
-SHARED_INPUT_MODULES = ("relative_attention_bias",)
 MIN_SHARE = 0.10  # a block list holds at least this share of the model's parameters
 
 
@@ -137,15 +132,6 @@ def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]
         while isinstance(inner, AdapterLayer):
             inner, inner_path = inner.base_layer, inner_path + ".base_layer"
         yield from walk(inner, inner_path + ".")
-
-
-def logical(path: str) -> str:
-    """A path without the wrappers' ``.base_layer`` steps: the name the user sees in the plain model."""
-    return path.replace(".base_layer", "")
-
-
-def own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in base_of(module).named_parameters(recurse=False) if p.is_floating_point()]
 
 
 def _matches(name: str, spec: list[str] | str) -> bool:
@@ -251,124 +237,30 @@ def find_freeze_targets(model: nn.Module, config: LayerFreezeConfig) -> tuple[li
 
 
 # ---- layer --------------------------------------------------------------------------------------------------
-class FreezeLayer(WrapsInPlace):
-    """Holds one delta per own tensor of the wrapped module per adapter; runs the module with W + ΔW."""
+class FreezeLayer(DeltaLayer):
+    """Holds one delta per own tensor of the wrapped module per adapter; runs the module with W + ΔW
+    (core/delta.py: forward, per-row routing, merge W += ΔW and unmerge W -= ΔW)."""
 
     adapter_param_names = ("freeze_delta",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.freeze_delta = nn.ModuleDict()
-        self.shared_input = False  # the first input is not the batch (see SHARED_INPUT_MODULES)
 
     def update_layer(self, adapter_name: str, config: LayerFreezeConfig, module_name: str) -> None:
-        self.shared_input = logical(module_name).split(".")[-1] in SHARED_INPUT_MODULES
+        self.set_shared_input(module_name)
         deltas = nn.ParameterDict()
         for key, param in own_params(self):
             dtype = param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
             deltas[key] = nn.Parameter(torch.zeros(param.shape, dtype=dtype, device=param.device))
         self.freeze_delta[adapter_name] = deltas
 
-    def _prefix(self) -> str:
-        module, prefix = self.base_layer, ""
-        while isinstance(module, AdapterLayer):
-            module, prefix = module.base_layer, prefix + "base_layer."
-        return prefix
+    def held(self) -> Container[str]:
+        return self.freeze_delta
 
-    def _run(self, names: list[str], args: tuple, kwargs: dict) -> Any:
-        """The wrapped module with W + sum of the named adapters' ΔW (W itself is never written)."""
-        prefix, weights = self._prefix(), {}
-        for key, param in own_params(self):
-            deltas = [self.freeze_delta[n][key] for n in names if n in self.freeze_delta]
-            if deltas:
-                weights[prefix + key] = param + sum(d.to(param.dtype) for d in deltas)  # same shape as W
-        return functional_call(self.base_layer, weights, args, kwargs, tie_weights=False, strict=False)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.routing is not None and not self.disabled:
-            return routed_forward(self, self.freeze_delta, args, kwargs)
-        live = [n for n in self.live_adapters() if n in self.freeze_delta]
-        return self._run(live, args, kwargs) if live else self.base_layer(*args, **kwargs)
-
-    # ---- merging: W <- W + ΔW, and its inverse W <- W - ΔW -------------------------------------------------
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str]) -> None:
-        params = dict(own_params(self))
-        for name in adapter_names:
-            for key, delta in self.freeze_delta[name].items():
-                params[key].add_(delta.to(params[key].dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        params = dict(own_params(self))
-        for name in reversed(self.merged_adapters):
-            for key, delta in self.freeze_delta[name].items():
-                params[key].sub_(delta.to(params[key].dtype))
-        self.merged_adapters.clear()
-
-
-def routed_forward(layer: Any, adapters: nn.ModuleDict, args: tuple, kwargs: dict) -> Any:
-    """Per-row adapters (inference): each group of rows runs the module with its adapter's weights.
-
-    A module fed one row shared by the whole batch (BERT's and GPT-2's position ids, shape (1, T)) returns one
-    row per batch row, each with its own adapter; the caller's addition broadcasts as before.
-    """
-    routing = layer.routing
-    names = routing.names
-    if not any(n in adapters for n in names):
-        return layer.base_layer(*args, **kwargs)
-    x = args[0] if args else None
-    leaf = not any(True for _ in base_of(layer).children())
-    if len(names) == 1:  # every row uses the same adapter
-        return layer._run([names[0]], args, kwargs)
-    if not torch.is_tensor(x) or layer.shared_input or not leaf:
-        raise RoutingError(
-            f"adapter_names= cannot mix adapters per row through {type(base_of(layer)).__name__}: its input is not "
-            "one row per batch element. Route every row to the same adapter, or run the adapters in separate calls."
-        )
-    batch = routing.index.numel()
-    if x.shape[0] == 1 and batch > 1:  # (1, ...) shared row -> (B, ...), row i with its adapter
-        outs = [layer._run([n], args, kwargs) if n in adapters else layer.base_layer(*args, **kwargs) for n in names]
-        return torch.cat(outs)[routing.index]  # (U, ...) -> (B, ...)
-    try:
-        groups, rows = layer.routed_groups(x.shape[0]), routing.rows(x.shape[0])
-    except ValueError as err:
-        raise RoutingError(f"adapter_names= cannot route {type(base_of(layer)).__name__}: {err}.") from err
-    inner, module = [], layer.base_layer  # adapter wrappers inside this one (LoRA...) route the same rows
-    while isinstance(module, AdapterLayer):
-        inner.append(module)
-        module = module.base_layer
-    out = layer.base_layer(*args, **kwargs).clone()  # (B, ...)
-    for name, idx in groups:
-        for wrapper in inner:
-            wrapper.routing = Routing(routing.names, rows[idx])
-        try:
-            out[idx] = layer._run([name], (x[idx], *args[1:]), kwargs).to(out.dtype)  # (G, ...)
-        finally:
-            for wrapper in inner:
-                wrapper.routing = routing
-    return out
-
-
-def warn_tied(model: nn.Module, targets: list[str]) -> None:
-    """Warn when a target's tensor is shared with a module outside the targets (tied embeddings): its delta acts
-    only where the target itself runs, and merging (which would change both) is refused."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(logical(name.rpartition(".")[0]))  # the owning module
-    roots = [logical(t) for t in targets]
-    for target in targets:
-        for _, param in own_params(model.get_submodule(target)):
-            others = [n for n in owners[id(param)] if not any(n == r or n.startswith(r + ".") for r in roots)]
-            if others:
-                warnings.warn(
-                    f"{logical(target)!r} shares its weight with {others[0]!r} (tied weights): the delta applies only "
-                    f"where {logical(target)!r} runs, not through {others[0]!r}, and merging will be refused. "
-                    "Untie the weights first, or target the module the model actually calls.",
-                    UserWarning,
-                    stacklevel=4,
-                )
+    def delta(self, name: str, key: str, sample: bool = False) -> torch.Tensor:
+        """ΔW itself: a trained tensor, the same at training and evaluation."""
+        return self.freeze_delta[name][key]
 
 
 def inject(model: nn.Module, config: LayerFreezeConfig, adapter_name: str) -> None:
