@@ -289,3 +289,18 @@ def test_corrupt_checkpoint_is_refused_and_leaves_the_model_untouched(tmp_path):
             PeftModel.from_pretrained(target, tmp_path)
         assert not any(isinstance(m, DiffLayer) for m in target.modules())
 
+
+def test_int_values_in_a_checkpoint_are_blamed_on_their_dtype_not_their_shape(tmp_path):
+    """Issue 15 item 31: integer diff_values of the right shape were reported as a shape problem."""
+    pm = get_peft_model(build("llama"), DiffPruningConfig(target_modules=["q_proj"]))
+    perturb(pm, "default")
+    pm.finalize(0.05)
+    pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if ".diff_values." in k)
+    save_file({**tensors, key: (tensors[key] * 100).to(torch.int64)}, path)  # same shape, integer dtype
+    with pytest.raises(CheckpointError, match=r"dtype torch\.int64") as info:
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    assert "shape" not in str(info.value)
+    assert "float" in str(info.value)  # says what it needs

@@ -268,8 +268,10 @@ def _checked_index(tensors: dict[str, torch.Tensor], key: str, numel: int) -> to
     problem = None
     if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
         problem = f"diff_index.{key} must be a 1-D int32/int64 tensor, got {index.dtype} {tuple(index.shape)}"
-    elif values.dim() != 1 or values.numel() != index.numel() or not values.is_floating_point():
-        problem = f"diff_values.{key} has shape {tuple(values.shape)}; it needs one float per index ({index.numel()})"
+    elif values.dim() != 1 or values.numel() != index.numel():
+        problem = f"diff_values.{key} has shape {tuple(values.shape)}; it needs one value per index ({index.numel()})"
+    elif not values.is_floating_point():
+        problem = f"diff_values.{key} has dtype {values.dtype}; it needs floating-point values (float32, bf16, fp16)"
     elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
         problem = f"diff_index.{key} holds indices outside 0..{numel - 1}"
     elif index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
