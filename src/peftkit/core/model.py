@@ -113,7 +113,7 @@ class PeftModel(nn.Module):
     # ---- adapters --------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Attach a new adapter (not made active: call :meth:`set_adapter`). Nothing changes on failure."""
-        io.check_adapter_name(adapter_name)
+        adapter_name = io.check_adapter_name(adapter_name)  # NFC form
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"An adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
@@ -159,6 +159,7 @@ class PeftModel(nn.Module):
         self.check_exists(adapter_name)
         if adapter_name in merged_names(self.model):
             raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        checkpoint.restore_base_copies(self, adapter_name)  # base weights its embedding copy replaced
         for name, layer in adapter_layers(self.model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -303,6 +304,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model with its original weights."""
         unmerge_layers(self.model)
+        checkpoint.restore_base_copies(self)  # base weights replaced by adapters' embedding copies
         return unload_layers(self.model, merge=False)
 
     def add_weighted_adapter(
@@ -355,25 +357,11 @@ class PeftModel(nn.Module):
         if hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
-    # ---- checkpoints (core/checkpoint.py) -----------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str, for_file: bool = False) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under model-relative names; with ``for_file``, in the layout save_pretrained writes."""
-        return checkpoint.adapter_state_dict(self, adapter_name, for_file)
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
-    ) -> None:
-        """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys)."""
-        checkpoint.save_pretrained(self, save_directory, selected_adapters)
-
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
-    ) -> None:
-        """Load a saved adapter under ``adapter_name``. On any problem the model is left as it was."""
-        checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
-
-    def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
-        checkpoint.load_state(self, adapter_name, tensors, source)
+    # ---- checkpoints (core/checkpoint.py: signatures and docs there) ------------------------------------------
+    adapter_state_dict = checkpoint.adapter_state_dict
+    save_pretrained = checkpoint.save_pretrained  # peft's options; all or nothing
+    load_adapter = checkpoint.load_adapter  # -> LoadResult(missing_keys, unexpected_keys)
+    _load_state = checkpoint.load_state
 
     @classmethod
     def from_pretrained(
@@ -383,10 +371,11 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
+        allow_non_finite: bool = False,
         **_: Any,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched."""
-        return checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
+        return checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, allow_non_finite)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
