@@ -6,6 +6,36 @@ from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hot
 from peftkit.core.layer import BASE
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
+from peftkit.integrations import hf_trainer
+from peftkit.integrations.peft_api import (
+    NoMatchingPeftModuleError,
+    PeftError,
+    cast_mixed_precision_params,
+    get_peft_config,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peftkit.integrations.peft_models import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+    PeftMixedModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from peftkit.integrations.peft_status import get_layer_status, get_model_status
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
@@ -20,6 +50,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BASE",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "Average",
     "BitFitConfig",
     "BottleneckConfig",
@@ -29,14 +67,34 @@ __all__ = [
     "IA3Config",
     "LayerFreezeConfig",
     "LoraConfig",
+    "NoMatchingPeftModuleError",
     "Parallel",
     "PeftConfig",
+    "PeftError",
+    "PeftMixedModel",
     "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "Stack",
+    "cast_mixed_precision_params",
+    "get_layer_status",
+    "get_model_status",
+    "get_peft_config",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "hotswap_adapter",
+    "inject_adapter_in_model",
+    "load_peft_weights",
     "method_names",
     "prepare_model_for_compiled_hotswap",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
 ]
+
+hf_trainer.install()  # transformers' Trainer and TRL treat peftkit models as peft's (integrations/hf_trainer.py)

@@ -26,6 +26,7 @@ from peftkit.core.layer import BASE, AdapterLayer, Routing, routed
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
 from peftkit.core.method import Call
 from peftkit.core.registry import method_of
+from peftkit.core.signature import SignatureFromModel
 from peftkit.errors import (
     AdapterNameError,
     AdapterNotFoundError,
@@ -213,6 +214,7 @@ class PeftModel(nn.Module):
                 merge_layers(self.model, merged)
 
     # ---- forward / generate ------------------------------------------------------------------------------
+    @SignatureFromModel  # inspect.signature shows the wrapped model's parameters (transformers' Trainer reads it)
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
         with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, False) as call:
