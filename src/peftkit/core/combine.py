@@ -8,6 +8,10 @@ factors, or its full ΔW before an SVD); nothing here knows a method.
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
 
 from peftkit.core.io import check_adapter_name
@@ -109,8 +113,16 @@ def add_weighted_adapter(
     majority_sign_method: str = "total",
     **options,
 ) -> None:
-    """Check the request, then let the adapters' method build ``adapter_name`` (see PeftModel.add_weighted_adapter)."""
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    """Check the request, then let the adapters' method build ``adapter_name`` (see PeftModel.add_weighted_adapter).
+    Every check runs before anything is added: a refused call leaves the model as it was."""
+    adapters, weights = list(adapters), list(weights)
+    bad = [f"weights[{i}]={w!r}" for i, w in enumerate(weights) if not _finite(w)]
+    if bad:
+        raise ConfigError(
+            f"add_weighted_adapter needs finite numbers as weights; got {', '.join(bad)}. "
+            "Pass floats such as [0.7, 0.3] (no strings, NaN or infinity)."
+        )
+    weights = [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise ConfigError(
             f"add_weighted_adapter got {len(adapters)} adapters and {len(weights)} weights; give one weight per "
@@ -127,13 +139,7 @@ def add_weighted_adapter(
     method = method_of(peft_model.peft_config[adapters[0]])
     if method.combine is None:
         raise ConfigError(f"{method.name} adapters cannot be combined with add_weighted_adapter.")
-    problems = []
-    if combination_type in NEEDS_DENSITY and (density is None or not 0 < density <= 1):
-        problems.append(f"combination_type={combination_type!r} needs density in (0, 1] (got {density!r}).")
-    if majority_sign_method not in SIGN_METHODS:
-        problems.append(f"majority_sign_method={majority_sign_method!r} is not one of {choices(SIGN_METHODS)}.")
-    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        problems.append(f"svd_rank={svd_rank!r} must be a positive integer or None.")
+    problems = _option_problems(combination_type, svd_rank, density, majority_sign_method)
     if problems:
         raise ConfigError("Invalid add_weighted_adapter call:\n" + "\n".join(f"  - {p}" for p in problems))
     method.combine(
@@ -148,6 +154,27 @@ def add_weighted_adapter(
         **options,
     )
     peft_model.set_adapter(peft_model.active_adapters or adapter_name)  # refresh layers; the new one stays inactive
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool or a string) that is neither NaN nor infinite."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _option_problems(combination_type: str, svd_rank: Any, density: Any, majority_sign_method: str) -> list[str]:
+    """Every problem with add_weighted_adapter's options, as messages."""
+    problems = []
+    if density is not None and not (_finite(density) and 0 < density <= 1):
+        problems.append(f"density={density!r} must be a number in (0, 1] (the share of entries kept), or None.")
+    elif combination_type in NEEDS_DENSITY and density is None:
+        problems.append(f"combination_type={combination_type!r} needs density in (0, 1], e.g. density=0.5.")
+    if majority_sign_method not in SIGN_METHODS:
+        problems.append(f"majority_sign_method={majority_sign_method!r} is not one of {choices(SIGN_METHODS)}.")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        problems.append(f"svd_rank={svd_rank!r} must be a positive integer or None.")
+    return problems
 
 
 def mean_head_copies(peft_model: AdapterHost, adapters: list[str], weights: list[float], new_name: str) -> None:
