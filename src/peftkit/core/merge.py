@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from peftkit.core.inject import replace_module
 from peftkit.core.layer import AdapterLayer, ModulesToSave
@@ -20,7 +22,13 @@ def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
-def merge_layers(model: nn.Module, adapter_names: Iterable[str]) -> None:
+def merge_layers(model: nn.Module, adapter_names: Iterable[str], safe_merge: bool = False) -> None:
+    """Fold ``adapter_names`` into the base weights of every layer holding them (already merged ones are skipped).
+
+    ``safe_merge``: after each layer's merge its base tensors are checked for NaN / inf; on the first non-finite
+    one every layer merged by this call gets its tensors (kept as copies: extra memory the size of the merged
+    weights) and its merged list back, and MergeError is raised: the weights are left exactly as they were.
+    """
     names = list(adapter_names)
     plan = []
     for path, layer in adapter_layers(model):
@@ -28,10 +36,51 @@ def merge_layers(model: nn.Module, adapter_names: Iterable[str]) -> None:
         if todo:
             plan.append((path, layer, todo))
     check_not_tied(model, [(path, layer) for path, layer, _ in plan if not isinstance(layer, ModulesToSave)])
-    # innermost first: an outer wrapper adds to the output of the inner one (LoRA around (IA)3: l W x + s B A x),
-    # so it merges into a weight that already holds the inner merge; unmerge_layers undoes it outermost first
-    for _, layer, todo in reversed(plan):
-        layer.merge(todo)
+    saved = [(layer, _snapshot(layer)) for _, layer, _ in plan] if safe_merge else []
+    try:
+        # innermost first: an outer wrapper adds to the output of the inner one (LoRA around (IA)3: l W x + s B A x),
+        # so it merges into a weight that already holds the inner merge; unmerge_layers undoes it outermost first
+        for path, layer, todo in reversed(plan):
+            layer.merge(todo)
+            if safe_merge:
+                _check_finite(path, layer, todo)
+    except Exception:
+        for layer, state in reversed(saved):
+            _restore(layer, state)
+        raise
+
+
+Snapshot = tuple[list[str], list[tuple[nn.Module, dict[str, nn.Parameter | None]]], list[torch.Tensor]]
+
+
+def _snapshot(layer: AdapterLayer) -> Snapshot:
+    """The layer's merged list, its base modules' parameter slots (a merge may add a tensor, e.g. BitFit's bias)
+    and copies of their values."""
+    slots = [(m, dict(m._parameters)) for m in layer.get_base_layer().modules()]
+    values = [p.detach().clone() for _, params in slots for p in params.values() if p is not None]
+    return list(layer.merged_adapters), slots, values
+
+
+@torch.no_grad()
+def _restore(layer: AdapterLayer, state: Snapshot) -> None:
+    merged, slots, values = state
+    layer.merged_adapters[:] = merged
+    for module, params in slots:
+        module._parameters.clear()
+        module._parameters.update(params)
+    originals = [p for _, params in slots for p in params.values() if p is not None]
+    for param, value in zip(originals, values, strict=True):
+        param.copy_(value)
+
+
+def _check_finite(path: str, layer: AdapterLayer, todo: list[str]) -> None:
+    bad = [n for n, p in layer.get_base_layer().named_parameters() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise MergeError(
+            f"safe_merge: merging {todo} into {path!r} gives non-finite values (NaN / inf) in {bad}; nothing was "
+            "merged and the weights are unchanged. Check the adapter's tensors (a diverged training run?) or merge "
+            "in a wider dtype."
+        )
 
 
 def check_not_tied(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
@@ -62,8 +111,17 @@ def merged_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(n for _, layer in adapter_layers(model) for n in layer.merged_adapters))
 
 
-def unload_layers(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace every adapter layer by what it wraps (after merging its active adapters if ``merge``)."""
-    for name, layer in reversed(adapter_layers(model)):  # innermost first
-        replace_module(model, name, layer.unload(merge))
+def unload_layers(model: nn.Module, merged: list[str] | None = None, progressbar: bool = False) -> nn.Module:
+    """Replace every adapter layer by what it wraps, innermost first.
+
+    ``merged`` None: every adapter is removed unmerged (call unmerge_layers first). A list: the adapters merge_layers
+    just merged; what is merged stays in the weights, every other adapter is dropped unmerged (a modules_to_save
+    copy of the last of ``merged`` it holds replaces the module).
+    """
+    layers = list(reversed(adapter_layers(model)))
+    for name, layer in tqdm(layers, disable=not progressbar, desc="Unloading" + (" and merging" if merged else "")):
+        if merged is not None:
+            layer.set_adapter([n for n in merged if n in layer.adapter_names])
+        keep = merged is not None and bool(layer.active_adapters or layer.merged_adapters)
+        replace_module(model, name, layer.unload(keep))
     return model

@@ -17,64 +17,52 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core import checkpoint, combine, io
+from peftkit.core import checkpoint, combine, io, lifecycle
 from peftkit.core.checkpoint import read_checkpoint, read_composition  # noqa: F401  (moved; re-exported)
 from peftkit.core.compose import Composition, Parallel
 from peftkit.core.config import PeftConfig
 from peftkit.core.inject import replace_module
+from peftkit.core.kwargs import strict_kwargs
 from peftkit.core.layer import BASE, AdapterLayer, Routing, routed
+from peftkit.core.lifecycle import TunerModel
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
 from peftkit.core.method import Call
 from peftkit.core.registry import method_of
-from peftkit.core.signature import SignatureFromModel
 from peftkit.errors import (
     AdapterNameError,
     AdapterNotFoundError,
-    ConfigError,
     MergeError,
     RoutingError,
     choices,
 )
 
 
-class TunerModel(nn.Module):
-    """Holds the user's model at ``.model`` so parameter names read ``base_model.model.<path>`` as in peft."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
-
 class PeftModel(nn.Module):
     """A model with adapters. Build it with :func:`peftkit.get_peft_model` or :meth:`from_pretrained`."""
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **_: Any) -> None:
+    @strict_kwargs
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
+        lifecycle.refuse_wrapped(model)
         self.base_model = TunerModel(model)
-        self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = []
+        self.peft_config: dict[str, PeftConfig] = self.base_model.peft_config
         self._composition: Composition | None = None  # set_adapter(Stack(...)) etc.; None: effects add
         self._extra: dict[str, dict[str, nn.Parameter]] = {}
-        self._disabled = False
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._disable_depth, self._remerge = 0, []  # nested disable_adapter() blocks; merged before the outermost
+        self._base_grad = lifecycle.grad_flags(model)  # restored by unload() / merge_and_unload()
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            self.add_adapter(adapter_name, peft_config)
+            self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype)
         except Exception:  # nothing half-applied: the model keeps its requires_grad flags
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            lifecycle.restore_grad_flags(model, self._base_grad)
             raise
         self.set_adapter(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
@@ -104,6 +92,18 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     @property
+    def _active(self) -> list[str]:
+        return self.base_model.active_names
+
+    @_active.setter
+    def _active(self, names: list[str]) -> None:
+        self.base_model.active_names = list(names)
+
+    @property
+    def _disabled(self) -> bool:
+        return self._disable_depth > 0
+
+    @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
 
@@ -112,9 +112,19 @@ class PeftModel(nn.Module):
         return self._active[0] if self._active else ""
 
     # ---- adapters --------------------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Attach a new adapter (not made active: call :meth:`set_adapter`). Nothing changes on failure."""
-        adapter_name = io.check_adapter_name(adapter_name)  # NFC form
+    @strict_kwargs
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Attach a new adapter (not made active: call :meth:`set_adapter`). Nothing changes on failure.
+        ``autocast_adapter_dtype`` (peft's rule): float16 / bfloat16 adapter tensors become float32; False: they take
+        the wrapped module's dtype. ``low_cpu_mem_usage`` is accepted for peft's API: adapters are always allocated
+        once, on the base layer's device."""
+        io.check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"An adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
@@ -125,6 +135,7 @@ class PeftModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
         method.inject(self.model, config, adapter_name)
+        lifecycle.cast_adapter(self.model, adapter_name, autocast_adapter_dtype)
         extra = method.extra_trainable(self.model, config) if method.extra_trainable else {}
         self._extra[adapter_name] = extra
         self.peft_config[adapter_name] = config
@@ -133,34 +144,19 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str] | Composition) -> None:
         """Make these adapters active (their effects add), or a composition of them (``Stack("a", "b")``,
         ``Parallel``, ``Average``, ``Fusion``: see core/compose.py), which the layers receive. Only active
-        adapters train (under a Fusion only the fusion layer)."""
-        composition = adapter_name if isinstance(adapter_name, Composition) else None
-        if composition is not None:
-            names = composition.adapters()
-        else:
-            names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            self.check_exists(name)
-        if composition is not None and composition.layer_level:
-            self._check_composable(composition)
+        adapters train (under a Fusion only the fusion layer). Merged adapters left out are unmerged first (a warning).
+        """
+        names, composition = lifecycle.selection(self, adapter_name)
+        lifecycle.unmerge_stale(self.model, names)
+        self._remerge = [n for n in self._remerge if n in names]
         self._active = names
         self._composition = composition
         self._refresh()
 
-    def _check_composable(self, composition: Composition) -> None:
-        names = set(composition.adapters())
-        for path, layer in adapter_layers(self.model):
-            if names & set(layer.adapter_names) and not getattr(layer, "composable", False):
-                raise ConfigError(
-                    f"{composition!r} cannot run: the layer at {path!r} ({type(layer).__name__}) does not support "
-                    "composition blocks. Use set_adapter([...]) to add the adapters' effects, or Parallel(...)."
-                )
-
     def delete_adapter(self, adapter_name: str) -> None:
-        self.check_exists(adapter_name)
+        self.check_exists(lifecycle.single_name(adapter_name, "delete_adapter", self.peft_config))
         if adapter_name in merged_names(self.model):
             raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
-        checkpoint.restore_base_copies(self, adapter_name)  # base weights its embedding copy replaced
         for name, layer in adapter_layers(self.model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -187,6 +183,7 @@ class PeftModel(nn.Module):
         trainable = {n for n in training if not self.peft_config[n].inference_mode}
         for _, layer in adapter_layers(self.model):
             layer.set_adapter(self._composition if self._composition is not None else self._active)
+            layer.disabled = self._disabled
             for name in layer.adapter_names:
                 for p in layer.adapter_parameters(name):
                     p.requires_grad_(name in trainable)
@@ -197,24 +194,23 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model: every adapter off (merged ones are unmerged for the duration)."""
-        merged = merged_names(self.model)
-        unmerge_layers(self.model)
-        layers = [layer for _, layer in adapter_layers(self.model)]
-        self._disabled = True
-        for layer in layers:
-            layer.disabled = True
+        """Run the base model: every adapter off (merged ones are unmerged for the duration). Blocks nest: a depth
+        count on the model, which the layers follow, so adapters come back when the outermost block ends, and an
+        adapter added inside a block is off there too."""
+        if self._disable_depth == 0:
+            self._remerge = merged_names(self.model)
+            unmerge_layers(self.model)
+        self._disable_depth += 1
+        self._refresh()
         try:
             yield
         finally:
-            self._disabled = False
-            for layer in layers:
-                layer.disabled = False
-            if merged:
-                merge_layers(self.model, merged)
+            self._disable_depth -= 1
+            self._refresh()
+            if self._disable_depth == 0 and self._remerge:
+                merge_layers(self.model, self._remerge)
 
     # ---- forward / generate ------------------------------------------------------------------------------
-    @SignatureFromModel  # inspect.signature shows the wrapped model's parameters (transformers' Trainer reads it)
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
         with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, False) as call:
@@ -278,37 +274,32 @@ class PeftModel(nn.Module):
         return Routing(unique, index, repeats=for_generate)  # generate: beams / sequences repeat rows
 
     # ---- merging ----------------------------------------------------------------------------------------
-    def _check_mergeable(self, names: list[str]) -> None:
-        for name in names:
-            self.check_exists(name)
-            method = method_of(self.peft_config[name])
-            if not method.can_merge:
-                raise MergeError(
-                    f"Adapter {name!r} ({method.name}) cannot be merged into the base weights: {method.merge_hint} "
-                    "Keep it unmerged (or use unload() to remove it)."
-                )
-
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        self._check_mergeable(names)
-        merge_layers(self.model, names)
+    @strict_kwargs
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold ``adapter_names`` (default: the active adapters) into the base weights; one already merged is skipped
+        with a warning. ``safe_merge``: on a NaN / inf result raise MergeError, the weights left unchanged."""
+        lifecycle.merge(self.model, lifecycle.merge_names(self, adapter_names), safe_merge)
 
     def unmerge_adapter(self) -> None:
         unmerge_layers(self.model)
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        """Fold the active adapters into the weights and return the plain base model (zero overhead)."""
-        names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        self._check_mergeable(names)
-        merge_layers(self.model, names)
-        return unload_layers(self.model, merge=True)
+    @strict_kwargs
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold exactly ``adapter_names`` (default: the active adapters) into the weights, drop every other adapter
+        unmerged, and return the plain base model (zero overhead) with its parameters' requires_grad as before
+        wrapping."""
+        names = lifecycle.merge_names(self, adapter_names)
+        lifecycle.merge(self.model, names, safe_merge)
+        return lifecycle.restore_grad_flags(unload_layers(self.model, names, progressbar), self._base_grad)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter and return the base model with its original weights."""
+        """Remove every adapter and return the base model with its original weights and requires_grad flags."""
         unmerge_layers(self.model)
-        checkpoint.restore_base_copies(self)  # base weights replaced by adapters' embedding copies
-        return unload_layers(self.model, merge=False)
+        return lifecycle.restore_grad_flags(unload_layers(self.model), self._base_grad)
 
+    @strict_kwargs
     def add_weighted_adapter(
         self,
         adapters: list[str],
@@ -318,23 +309,24 @@ class PeftModel(nn.Module):
         svd_rank: int | None = None,
         density: float | None = None,
         majority_sign_method: str = "total",
-        **options: Any,
+        generator: torch.Generator | None = None,
     ) -> None:
         """Add ``adapter_name``: a weighted combination of loaded adapters of one method (not made active).
 
         LoRA: ``linear``, ``cat``, ``svd`` (rank ``svd_rank``), ``ties``, ``dare_linear``, ``dare_ties`` and
-        ``magnitude_prune`` (``density``, ``majority_sign_method``); the formulas are in :mod:`peftkit.core.combine`.
+        ``magnitude_prune`` (``density``, ``majority_sign_method``; ``generator`` seeds dare's random drop); the
+        formulas are in :mod:`peftkit.core.combine`.
         """
         combine.add_weighted_adapter(
             self,
-            adapters,
+            lifecycle.name_list(adapters, "adapters"),
             weights,
             adapter_name,
             combination_type,
             svd_rank=svd_rank,
             density=density,
             majority_sign_method=majority_sign_method,
-            **options,
+            **({"generator": generator} if generator is not None else {}),
         )
 
     def auxiliary_loss(self) -> torch.Tensor | float:
@@ -359,13 +351,28 @@ class PeftModel(nn.Module):
         if hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
-    # ---- checkpoints (core/checkpoint.py: signatures and docs there) ------------------------------------------
-    adapter_state_dict = checkpoint.adapter_state_dict
-    save_pretrained = checkpoint.save_pretrained  # peft's options; all or nothing
-    load_adapter = checkpoint.load_adapter  # -> LoadResult(missing_keys, unexpected_keys)
-    _load_state = checkpoint.load_state
+    # ---- checkpoints (core/checkpoint.py) -----------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str, for_file: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under model-relative names; with ``for_file``, in the layout save_pretrained writes."""
+        return checkpoint.adapter_state_dict(self, adapter_name, for_file)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
+    ) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys)."""
+        checkpoint.save_pretrained(self, save_directory, selected_adapters)
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
+    ) -> None:
+        """Load a saved adapter under ``adapter_name``. On any problem the model is left as it was."""
+        checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
+
+    def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+        checkpoint.load_state(self, adapter_name, tensors, source)
 
     @classmethod
+    @strict_kwargs
     def from_pretrained(
         cls,
         model: nn.Module,
@@ -373,11 +380,18 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfig | None = None,
-        allow_non_finite: bool = False,
-        **_: Any,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched."""
-        return checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config, allow_non_finite)
+        """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched. As in peft,
+        unless ``is_trainable`` the result is for inference: in eval mode (dropout off), the adapter frozen (also with
+        a given ``config``). A model that already holds adapters is refused (use its PeftModel's load_adapter)."""
+        lifecycle.refuse_wrapped(model)
+        config = config.replace(inference_mode=not is_trainable) if config is not None else None
+        peft_model = checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
+        for name in peft_model.peft_config:
+            lifecycle.cast_adapter(peft_model.model, name, autocast_adapter_dtype)
+        return peft_model if is_trainable else peft_model.eval()
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -389,11 +403,24 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return first.shape[0] if isinstance(first, torch.Tensor) else None
 
 
+@strict_kwargs
 def get_peft_model(
-    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters)."""
-    return PeftModel(model, peft_config, adapter_name, **kwargs)
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters).
+
+    peft's signature: ``revision`` (the base model's) is recorded in the adapter's config; ``mixed`` is accepted and
+    changes nothing (a PeftModel holds adapters of different methods at once); ``autocast_adapter_dtype`` and
+    ``low_cpu_mem_usage`` as in :meth:`PeftModel.add_adapter`. A model another PeftModel wraps is refused.
+    """
+    peft_config = lifecycle.with_revision(peft_config, revision)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 __all__ = ["AdapterLayer", "PeftModel", "TunerModel", "get_peft_model"]
