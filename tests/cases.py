@@ -16,6 +16,7 @@ from peftkit import (
     DiffPruningConfig,
     IA3Config,
     LayerFreezeConfig,
+    LNTuningConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -56,4 +57,5 @@ CASES: dict[str, Case] = {
             target_modules="all" if kind in ("bert", "llama") else TARGETS[kind], task_type=TASKS[kind]
         )
     ),
+    "LN_TUNING": Case(lambda kind: LNTuningConfig(task_type=TASKS[kind])),  # the default norms of each model
 }

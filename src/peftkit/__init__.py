@@ -42,6 +42,7 @@ from peftkit.methods.compacter import CompacterConfig
 from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.freeze import LayerFreezeConfig
 from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
@@ -65,6 +66,7 @@ __all__ = [
     "DiffPruningConfig",
     "Fusion",
     "IA3Config",
+    "LNTuningConfig",
     "LayerFreezeConfig",
     "LoraConfig",
     "NoMatchingPeftModuleError",

@@ -26,6 +26,7 @@ _METHODS: dict[str, str] = {
     "BITFIT": "peftkit.methods.bitfit",
     "FREEZE": "peftkit.methods.freeze",
     "DIFF": "peftkit.methods.diff_pruning",
+    "LN_TUNING": "peftkit.methods.ln_tuning",
 }
 _BUILT_IN = frozenset(_METHODS)
 
