@@ -1,7 +1,7 @@
 """peftkit: parameter-efficient fine-tuning for PyTorch models, with Hugging Face peft's API and files."""
 
 from peftkit.core.compose import Average, Fusion, Parallel, Stack
-from peftkit.core.config import PeftConfig
+from peftkit.core.config import PeftConfig, PeftType, TaskType
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftkit.core.layer import BASE
 from peftkit.core.model import PeftModel, get_peft_model
@@ -81,9 +81,11 @@ __all__ = [
     "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
+    "PeftType",
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "Stack",
+    "TaskType",
     "cast_mixed_precision_params",
     "get_layer_status",
     "get_model_status",
