@@ -28,6 +28,7 @@ from peftkit.core.lifecycle import TunerModel
 from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
 from peftkit.core.method import Call
 from peftkit.core.registry import method_of
+from peftkit.core.signature import SignatureFromModel
 from peftkit.errors import (
     AdapterNameError,
     AdapterNotFoundError,
@@ -124,7 +125,7 @@ class PeftModel(nn.Module):
         ``autocast_adapter_dtype`` (peft's rule): float16 / bfloat16 adapter tensors become float32; False: they take
         the wrapped module's dtype. ``low_cpu_mem_usage`` is accepted for peft's API: adapters are always allocated
         once, on the base layer's device."""
-        io.check_adapter_name(adapter_name)
+        adapter_name = io.check_adapter_name(adapter_name)  # NFC form
         if adapter_name in self.peft_config:
             raise AdapterNameError(
                 f"An adapter named {adapter_name!r} already exists; delete_adapter({adapter_name!r}) first "
@@ -157,6 +158,7 @@ class PeftModel(nn.Module):
         self.check_exists(lifecycle.single_name(adapter_name, "delete_adapter", self.peft_config))
         if adapter_name in merged_names(self.model):
             raise MergeError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        checkpoint.restore_base_copies(self, adapter_name)  # base weights its embedding copy replaced
         for name, layer in adapter_layers(self.model):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
@@ -211,6 +213,7 @@ class PeftModel(nn.Module):
                 merge_layers(self.model, self._remerge)
 
     # ---- forward / generate ------------------------------------------------------------------------------
+    @SignatureFromModel  # inspect.signature shows the wrapped model's parameters (transformers' Trainer reads it)
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs, adapter_names = self._replicate_for_parallel(args, kwargs, adapter_names)
         with self._routing(adapter_names, args, kwargs), self._prepared(args, kwargs, False) as call:
@@ -297,6 +300,7 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter and return the base model with its original weights and requires_grad flags."""
         unmerge_layers(self.model)
+        checkpoint.restore_base_copies(self)  # base weights replaced by adapters' embedding copies
         return lifecycle.restore_grad_flags(unload_layers(self.model), self._base_grad)
 
     @strict_kwargs
@@ -351,25 +355,11 @@ class PeftModel(nn.Module):
         if hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
-    # ---- checkpoints (core/checkpoint.py) -----------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str, for_file: bool = False) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under model-relative names; with ``for_file``, in the layout save_pretrained writes."""
-        return checkpoint.adapter_state_dict(self, adapter_name, for_file)
-
-    def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_: Any
-    ) -> None:
-        """Write each adapter as adapter_config.json + adapter_model.safetensors (peft's layout and keys)."""
-        checkpoint.save_pretrained(self, save_directory, selected_adapters)
-
-    def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **_: Any
-    ) -> None:
-        """Load a saved adapter under ``adapter_name``. On any problem the model is left as it was."""
-        checkpoint.load_adapter(self, model_id, adapter_name, is_trainable)
-
-    def _load_state(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
-        checkpoint.load_state(self, adapter_name, tensors, source)
+    # ---- checkpoints (core/checkpoint.py: signatures and docs there) ------------------------------------------
+    adapter_state_dict = checkpoint.adapter_state_dict
+    save_pretrained = checkpoint.save_pretrained  # peft's options; all or nothing
+    load_adapter = checkpoint.load_adapter  # -> LoadResult(missing_keys, unexpected_keys)
+    _load_state = checkpoint.load_state
 
     @classmethod
     @strict_kwargs
@@ -382,13 +372,16 @@ class PeftModel(nn.Module):
         config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
+        allow_non_finite: bool = False,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in ``model_id``; on failure ``model`` is left untouched. As in peft,
         unless ``is_trainable`` the result is for inference: in eval mode (dropout off), the adapter frozen (also with
         a given ``config``). A model that already holds adapters is refused (use its PeftModel's load_adapter)."""
         lifecycle.refuse_wrapped(model)
         config = config.replace(inference_mode=not is_trainable) if config is not None else None
-        peft_model = checkpoint.from_pretrained(cls, model, model_id, adapter_name, is_trainable, config)
+        peft_model = checkpoint.from_pretrained(
+            cls, model, model_id, adapter_name, is_trainable, config, allow_non_finite
+        )
         for name in peft_model.peft_config:
             lifecycle.cast_adapter(peft_model.model, name, autocast_adapter_dtype)
         return peft_model if is_trainable else peft_model.eval()
