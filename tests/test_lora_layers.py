@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit import errors as peftkit_errors
 from peftkit.errors import ConfigError, MergeError
 
 peft = pytest.importorskip("peft")
@@ -212,3 +213,123 @@ def test_supported_inits_match_peft_in_distribution_and_identity(init):
     a_mine = mine.get_base_model()[0].lora_A["default"].weight
     a_theirs = theirs.base_model.model[0].lora_A["default"].weight
     assert abs(a_mine.std().item() - a_theirs.std().item()) < 0.2 * a_theirs.std().item()
+
+
+# ---- nn.MultiheadAttention ------------------------------------------------------------------------------------
+class AttnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0])
+
+
+def attn_net() -> AttnNet:
+    torch.manual_seed(0)
+    return AttnNet()
+
+
+def by_hand(base: AttnNet, lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The formula: a plain copy with in_proj_weight + s B A and out_proj.weight + s B' A' written in."""
+    ref, s = copy.deepcopy(base), lora.scaling["default"]
+    with torch.no_grad():
+        ref.attn.in_proj_weight += s * lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+        ref.attn.out_proj.weight += s * lora.out_lora_B["default"].weight @ lora.out_lora_A["default"].weight
+        return ref(x)
+
+
+def test_mha_files_load_both_ways_with_peft_keys_and_the_formula(tmp_path):
+    base, x = attn_net(), torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    theirs, folder = via_peft(base, tmp_path, r=4, lora_alpha=8, target_modules=["attn"])
+    keys = set(load_file(folder / "adapter_model.safetensors"))
+    assert keys == {
+        f"base_model.model.attn.{k}.weight"
+        for k in ("lora_A", "lora_B", "base_layer.out_proj.lora_A", "base_layer.out_proj.lora_B")
+    }
+    mine = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    lora = mine.get_base_model().attn
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lora.out_lora_B["default"].weight, theirs.attn.base_layer.out_proj.lora_B["default"].weight
+        )
+        torch.testing.assert_close(mine(x), by_hand(base, lora, x), atol=TOL, rtol=0)
+        assert not torch.allclose(mine(x), base(x), atol=1e-3)
+    mine.save_pretrained(tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == keys
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    for key, value in peft.get_peft_model_state_dict(back).items():
+        torch.testing.assert_close(value, peft.get_peft_model_state_dict(theirs)[key])
+
+
+def test_mha_equals_peft_on_the_in_projection(tmp_path):
+    """peft 0.21 adds the out_proj update twice (huggingface/peft PR #3774); with B' = 0 the outputs must agree."""
+    base, x = attn_net(), torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["attn"], init_lora_weights=False)
+    ).eval()
+    with torch.no_grad():
+        theirs.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
+    theirs.save_pretrained(tmp_path)
+    mine = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), theirs(x), atol=TOL, rtol=0)
+
+
+def test_mha_trains_merges_exactly_and_refuses_routing():
+    base, x = attn_net(), torch.randn(2, 5, 16)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["attn"]))
+    lora = pm.get_base_model().attn
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), base(x))  # B = B' = 0 at init
+    pm(x).sum().backward()
+    assert lora.lora_B["default"].weight.grad.abs().sum() > 0 and lora.out_lora_B["default"].weight.grad.abs().sum() > 0
+    assert lora.in_proj_weight.grad is None  # the base stays frozen
+    with torch.no_grad():
+        for p in lora.adapter_parameters("default"):
+            p.normal_(std=0.1)
+        unmerged = pm(x)
+        torch.testing.assert_close(unmerged, by_hand(base, lora, x), atol=TOL, rtol=0)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), unmerged, atol=TOL, rtol=0)
+        pm.unmerge_adapter()
+        torch.testing.assert_close(lora.in_proj_weight, base.attn.in_proj_weight, atol=1e-6, rtol=0)
+    pm.eval()
+    with pytest.raises(peftkit_errors.RoutingError, match="MultiheadAttention"):
+        pm(x, adapter_names=["default", "__base__"])
+    plain = pm.merge_and_unload()
+    assert type(plain.attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), unmerged, atol=TOL, rtol=0)
+
+
+def test_mha_inside_a_transformer_layer_is_not_bypassed_by_its_fused_inference_path():
+    torch.manual_seed(0)
+    block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    pm = get_peft_model(copy.deepcopy(block), LoraConfig(r=2, target_modules=["self_attn"], init_lora_weights=False))
+    pm.eval()
+    with torch.no_grad():
+        adapted, base_out = pm(x), block(x)
+        assert not torch.allclose(adapted, base_out, atol=1e-3)
+        with pm.disable_adapter():
+            torch.testing.assert_close(pm(x), base_out, atol=TOL, rtol=0)
+    pm.train()
+    torch.testing.assert_close(pm(x), adapted, atol=TOL, rtol=0)  # the unfused path gives the same
+
+
+def test_out_proj_inside_mha_is_refused_as_a_target():
+    model = attn_net()
+    with pytest.raises(ConfigError, match=r"inside nn.MultiheadAttention \['attn'\].*Target the attention module"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["out_proj"]))
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_mha_with_lora_bias_or_separate_projections_is_refused():
+    with pytest.raises(ConfigError, match="lora_bias=True is not supported on 'attn'"):
+        get_peft_model(attn_net(), LoraConfig(r=2, target_modules=["attn"], lora_bias=True))
+    model = nn.Sequential()
+    model.add_module("attn", nn.MultiheadAttention(16, 2, kdim=8, vdim=8))
+    with pytest.raises(ConfigError, match="packed query/key/value"):
+        get_peft_model(model, LoraConfig(r=2, target_modules=["attn"]))

@@ -49,3 +49,38 @@ def test_svd_rank_within_bounds_warns_nothing(recwarn):
     pm.add_weighted_adapter(["default"], [1.0], "mix", combination_type="svd", svd_rank=3)
     assert pm.get_base_model().proj.r["mix"] == 3
     assert not [w for w in recwarn if "svd_rank" in str(w.message)]
+
+
+# ---- issue 23 item 6 (LoRA part): what third-party code reads from an adapted layer ---------------------------
+def test_adapted_layers_expose_the_wrapped_modules_attributes():
+    _, pm = adapted()
+    model = pm.get_base_model()
+    assert (model.proj.in_features, model.proj.out_features) == (6, 5)
+    assert (model.conv.in_channels, model.conv.out_channels, model.conv.kernel_size) == (3, 4, (3, 3))
+    assert (model.emb.num_embeddings, model.emb.embedding_dim, model.emb.padding_idx) == (11, 6, None)
+    assert model.proj.weight is model.proj.base_layer.weight and model.proj.bias is model.proj.base_layer.bias
+    assert model.conv.weight.shape == (4, 3, 3, 3) and model.emb.weight.shape == (11, 6)
+    with pytest.raises(AttributeError):
+        model.proj.no_such_attribute  # noqa: B018 - still an AttributeError, not silently None
+
+
+def test_adapted_layers_report_their_adapter_state():
+    _, pm = adapted()
+    proj = pm.get_base_model().proj
+    assert proj.active_adapters == ["default"] and proj.merged_adapters == []
+    pm.merge_adapter()
+    assert proj.merged_adapters == ["default"]
+    pm.unmerge_adapter()
+    assert proj.merged_adapters == []
+
+
+def test_adapted_layers_have_peft_merged_and_disable_adapters_flags():
+    _, pm = adapted()
+    proj = pm.get_base_model().proj
+    assert proj.merged is False and proj.disable_adapters is False
+    pm.merge_adapter()
+    assert proj.merged is True
+    pm.unmerge_adapter()
+    with pm.disable_adapter():
+        assert proj.disable_adapters is True
+    assert proj.disable_adapters is False

@@ -8,12 +8,13 @@ rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead, which keeps the u
 grows. Merging is ``W += s * B A`` and its exact inverse ``W -= s * B A``.
 
 Layers: nn.Linear and GPT-2's Conv1D (weight stored transposed, "fan_in_fan_out"), nn.Embedding (A acts as
-an embedding table, as in peft), and nn.Conv1d / nn.Conv2d, where A is a convolution with the base layer's
-kernel, stride and padding and B a 1x1 convolution, so ΔW[o, i, ...] = s * sum_r B[o, r] A[r, i, ...].
+an embedding table, as in peft), nn.Conv1d / 2d / 3d, where A is a convolution with the base layer's kernel, stride
+and padding and B a 1x1 convolution, so ΔW[o, i, ...] = s * sum_r B[o, r] A[r, i, ...] (grouped ones as in peft),
+and nn.MultiheadAttention (its packed in-projection and its out-projection, peft's layout).
 
 The package: ``config`` (LoraConfig), ``layers`` (LoraLayer, Linear / GPT-2 Conv1D, Embedding), ``conv``
-(Conv1d/2d/3d), ``attach`` (which modules are wrapped, ``bias=``), ``arithmetic`` (add_weighted_adapter) and
-``hotswap`` (in-place checkpoint swaps).
+(Conv1d/2d/3d), ``mha`` (MultiheadAttention), ``attach`` (which modules are wrapped, ``bias=``), ``arithmetic``
+(add_weighted_adapter) and ``hotswap`` (in-place checkpoint swaps).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from peftkit.methods.lora.attach import SUPPORTED, dispatch, extra_trainable, in
 from peftkit.methods.lora.config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, factors_of
+from peftkit.methods.lora.mha import LoraMultiheadAttention
 
 __all__ = [
     "BIAS_CHOICES",
@@ -37,6 +39,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraMultiheadAttention",
     "dispatch",
     "extra_trainable",
     "factors_of",

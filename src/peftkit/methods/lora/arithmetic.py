@@ -28,6 +28,11 @@ def _svd_rank(layer: LoraLayer, present: list[str], svd_rank: int | None) -> int
 def _layer_plan(layer: LoraLayer, present: list[str], combination_type: str, svd_rank: int | None) -> int:
     ranks = [layer.r[n] for n in present]
     groups = getattr(layer.get_base_layer(), "groups", 1)
+    if len(layer.adapter_param_names) > 2:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine LoRA on {type(layer.get_base_layer()).__name__} (two factor pairs "
+            "per adapter); leave such modules out of the adapters you combine."
+        )
     if groups > 1 and combination_type in ("cat", "svd"):
         raise ConfigError(
             f"combination_type={combination_type!r} cannot combine LoRA on a grouped convolution (groups={groups}): "

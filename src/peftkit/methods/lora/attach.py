@@ -9,9 +9,11 @@ from torch import nn
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.targeting import base_of, find_targets, is_conv1d_gpt2, iter_free_modules
+from peftkit.errors import ConfigError
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
+from peftkit.methods.lora.mha import LoraMultiheadAttention
 
 _DISPATCH: list[tuple[Any, type[LoraLayer]]] = [  # first match wins
     (nn.Linear, LoraLinear),
@@ -20,8 +22,9 @@ _DISPATCH: list[tuple[Any, type[LoraLayer]]] = [  # first match wins
     (nn.Conv2d, LoraConv2d),
     (nn.Conv1d, LoraConv1d),
     (nn.Conv3d, LoraConv3d),
+    (nn.MultiheadAttention, LoraMultiheadAttention),
 ]
-SUPPORTED = "Linear, Embedding, Conv1d, Conv2d, Conv3d, GPT-2 Conv1D"
+SUPPORTED = "Linear, Embedding, Conv1d, Conv2d, Conv3d (grouped too), GPT-2 Conv1D, MultiheadAttention"
 
 
 def dispatch(module: nn.Module) -> type[LoraLayer] | None:
@@ -33,7 +36,22 @@ def dispatch(module: nn.Module) -> type[LoraLayer] | None:
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
+    _check_not_in_attention(model, targets)
     inject_layers(model, config, adapter_name, targets, dispatch)
+
+
+def _check_not_in_attention(model: nn.Module, targets: list[str]) -> None:
+    """Refuse an nn.MultiheadAttention's out_proj as a target: the attention reads ``out_proj.weight`` and never
+    calls its forward, so a LoRA there would silently do nothing."""
+    inside = [t for t in targets if isinstance(model.get_submodule(t.rpartition(".")[0]), nn.MultiheadAttention)]
+    if inside:
+        parents = sorted({t.rpartition(".")[0] or "<model>" for t in inside})
+        raise ConfigError(
+            f"target_modules matched {inside}, inside nn.MultiheadAttention {parents}, which never calls their "
+            "forward: "
+            f"a LoRA there would have no effect. Target the attention module itself ({parents[0]!r}: LoRA on its "
+            "in- and out-projections, as in peft), or leave them out with exclude_modules."
+        )
 
 
 def extra_trainable(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:

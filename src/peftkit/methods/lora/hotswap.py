@@ -16,7 +16,15 @@ from peftkit.methods.lora.layers import LoraLayer, factors_of
 
 
 def _lora_layers(peft_model: AdapterHost, adapter_name: str) -> list[tuple[str, LoraLayer]]:
-    return [(p, m) for p, m in adapter_layers(peft_model.model) if isinstance(m, LoraLayer) and adapter_name in m.r]
+    """The adapter's LoRA layers; ConfigError for layers with two factor pairs (nn.MultiheadAttention)."""
+    layers = [(p, m) for p, m in adapter_layers(peft_model.model) if isinstance(m, LoraLayer) and adapter_name in m.r]
+    paired = [p for p, m in layers if len(m.adapter_param_names) > 2]
+    if paired:
+        raise ConfigError(
+            f"Hot-swapping cannot handle LoRA on nn.MultiheadAttention ({paired}); use load_adapter() and "
+            "set_adapter() to switch such adapters."
+        )
+    return layers
 
 
 def _describe(
