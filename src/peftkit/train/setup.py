@@ -18,7 +18,7 @@ from peftkit.core.registry import get_method, method_names
 from peftkit.errors import ConfigError, choices
 from peftkit.train.config import TrainConfig
 from peftkit.train.metrics import HIGHER_IS_BETTER
-from peftkit.train.models import checkpoint_pooling, load_model, use_mean_pooling
+from peftkit.train.models import checkpoint_pooling, load_model, model_name, use_mean_pooling
 
 
 def build_method_config(method: str, args: dict[str, Any], task_type: str | None, base_model: str) -> PeftConfig:
@@ -34,7 +34,7 @@ def build_method_config(method: str, args: dict[str, Any], task_type: str | None
         raise ConfigError(
             f"--method {method}: unknown settings {choices(unknown)}; {cls.__name__} has {choices(fields)}."
         )
-    settings = {"task_type": task_type, "base_model_name_or_path": base_model, **args}
+    settings = {"task_type": task_type, "base_model_name_or_path": model_name(base_model), **args}
     try:
         return cls(**{k: v for k, v in settings.items() if k in fields})
     except ConfigError as err:
