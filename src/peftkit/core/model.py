@@ -351,8 +351,9 @@ class PeftModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        self.model.gradient_checkpointing_enable(**kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        # transformers' signature: TRL passes the kwargs dict positionally
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
         if hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()
 
