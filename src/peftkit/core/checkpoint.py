@@ -18,6 +18,7 @@ from peftkit.core import hub, io
 from peftkit.core.compose import COMPOSITION_FILE, Composition, composition_from_dict
 from peftkit.core.config import CONFIG_NAME, PeftConfig
 from peftkit.core.files import atomic_remove, atomic_write_bytes, atomic_writes, remove_stale_temporaries
+from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
 from peftkit.core.registry import config_from_dict
 from peftkit.errors import AdapterNameError, CheckpointError, ConfigError, TargetNotFoundError
@@ -199,9 +200,21 @@ def check_sizes_new(cls: type[PeftModel], model: nn.Module, config: PeftConfig, 
         probe.unload()
 
 
+def _same_layout_shapes(host: PeftModel, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """The adapter's tensor shapes, leaving out layers whose checkpoint layout differs from the live one (their
+    ``load_file_state`` converts: diff pruning's sparse support, sized by the file); the full check covers those."""
+    converting = [
+        f"{path}."
+        for path, layer in adapter_layers(host.model)
+        if adapter_name in layer.adapter_names and type(layer).load_file_state is not AdapterLayer.load_file_state
+    ]
+    state = host.adapter_state_dict(adapter_name)
+    return {k: tuple(v.shape) for k, v in state.items() if not any(k.startswith(p) for p in converting)}
+
+
 def _compare_sizes(host: PeftModel, adapter_name: str, model_id: str | os.PathLike) -> None:
     shapes = io.file_shapes(model_id)
-    own = {k: tuple(v.shape) for k, v in host.adapter_state_dict(adapter_name).items()}
+    own = _same_layout_shapes(host, adapter_name)
     base = sum(p.numel() for p in host.model.parameters() if p.device.type != "meta")
     wrong = [f"{k}: file {shapes[k]} vs model {own[k]}" for k in sorted(own) if k in shapes and shapes[k] != own[k]]
     needed, stored = sum(math.prod(s) for s in own.values()), sum(math.prod(s) for s in shapes.values())
