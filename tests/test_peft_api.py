@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,17 @@ def test_peft_config_from_pretrained_reads_peft_folders(tmp_path):
     config = peftkit.PeftConfig.from_pretrained(tmp_path)
     assert type(config) is peftkit.LoraConfig and config.r == 4
     assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == sorted(peftkit.load_peft_weights(tmp_path))
+
+
+def test_peft_quicktour_runs_with_only_the_import_changed(tmp_path, capsys):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peft_quicktour.py"
+    imports = [line for line in script.read_text().splitlines() if re.match(r"\s*(from|import) peft", line)]
+    assert len(imports) == 1 and imports[0].startswith("from peftkit import ")  # peft's: from peft import ...
+    runpy.run_path(str(script), run_name="quicktour").get("main")(tmp_path)
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and "loaded adapters: ['default']" in printed
+    assert sorted(p.name for p in (tmp_path / "output_dir").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
