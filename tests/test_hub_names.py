@@ -120,6 +120,17 @@ def test_an_adapter_named_by_its_hub_id_loads_from_the_cache(tmp_path: Path, tin
     assert set(again.peft_config) == {"default", "second"}
 
 
+def test_auto_peft_model_reads_adapter_and_base_by_hub_id(tmp_path: Path, tiny_bert_repo: Path) -> None:
+    from peftkit import AutoPeftModelForSequenceClassification
+
+    pm = get_peft_model(load_model("org/tiny-bert", "classification"), LoraConfig(**LORA))
+    perturb(pm, "default")
+    pm.save_pretrained(tmp_path / "adapter")  # records base_model_name_or_path "org/tiny-bert"
+    put_in_cache(tiny_bert_repo.parents[2], "org/tiny-lora", tmp_path / "adapter")
+    ours = AutoPeftModelForSequenceClassification.from_pretrained("org/tiny-lora")
+    assert torch.allclose(output(ours, INPUTS), output(pm, INPUTS), atol=1e-6)
+
+
 def test_a_hub_repository_without_an_adapter_is_named_as_such(tiny_bert_repo: Path) -> None:
     pm_base = load_model("org/tiny-bert", "classification")
     with pytest.raises(CheckpointError, match=r"'org/tiny-bert' has no adapter_config.json"):
