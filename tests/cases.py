@@ -20,6 +20,7 @@ from peftkit import (
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
+    TrainableTokensConfig,
 )
 
 
@@ -58,4 +59,10 @@ CASES: dict[str, Case] = {
         )
     ),
     "LN_TUNING": Case(lambda kind: LNTuningConfig(task_type=TASKS[kind])),  # the default norms of each model
+    # GPT-2 and T5 tie the input embedding to the LM head: the core refuses to merge into a shared tensor
+    # (core/merge.py check_not_tied), so their rows are in tests/test_trainable_tokens.py instead
+    "TRAINABLE_TOKENS": Case(
+        lambda kind: TrainableTokensConfig(token_indices=list(range(1, 100, 3)), task_type=TASKS[kind]),
+        models=("bert", "llama"),
+    ),
 }

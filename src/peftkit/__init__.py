@@ -46,6 +46,7 @@ from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.trainable_tokens import TrainableTokensConfig
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ __all__ = [
     "PromptTuningConfig",
     "Stack",
     "TaskType",
+    "TrainableTokensConfig",
     "cast_mixed_precision_params",
     "get_layer_status",
     "get_model_status",

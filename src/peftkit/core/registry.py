@@ -27,6 +27,7 @@ _METHODS: dict[str, str] = {
     "FREEZE": "peftkit.methods.freeze",
     "DIFF": "peftkit.methods.diff_pruning",
     "LN_TUNING": "peftkit.methods.ln_tuning",
+    "TRAINABLE_TOKENS": "peftkit.methods.trainable_tokens",
 }
 _BUILT_IN = frozenset(_METHODS)
 
