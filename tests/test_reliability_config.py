@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from cases import CASES
 from models import perturb, tiny_bert
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.layer import ModulesToSave
@@ -22,6 +23,12 @@ CONFIG_CLASSES = {name: get_method(name).config_class for name in method_names()
 
 def _fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _valid(peft_type: str):
+    """A valid config of the method (its contract case, tests/cases.py: some methods have required values)."""
+    case = CASES[peft_type]
+    return case.config(case.models[0])
 
 
 # ---- every method's config, every field -------------------------------------------------------------------------
@@ -36,13 +43,13 @@ def test_every_field_of_every_config_refuses_a_value_of_no_accepted_type(peft_ty
 @pytest.mark.parametrize("peft_type", method_names())
 def test_every_config_round_trips_through_its_dict(peft_type):
     cls = CONFIG_CLASSES[peft_type]
-    config = cls()
+    config = _valid(peft_type)
     assert cls.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 @pytest.mark.parametrize("peft_type", method_names())
 def test_every_config_refuses_wrong_types_at_load(peft_type):
-    data = CONFIG_CLASSES[peft_type]().to_dict()
+    data = _valid(peft_type).to_dict()
     data["inference_mode"] = "false"  # the string: Python would read it as true
     with pytest.raises(ConfigTypeError, match=r"inference_mode='false' has type str; expected bool\. Write the value"):
         config_from_dict(data)
