@@ -16,11 +16,11 @@ from pathlib import Path
 
 from peftkit.core.compose import COMPOSITION_FILE
 from peftkit.core.config import CONFIG_NAME
-from peftkit.core.io import WEIGHTS_NAME
+from peftkit.core.io import CARD_NAME, WEIGHTS_NAME
 from peftkit.errors import ConfigError
 
 STATE_NAME = "trainer_state.pt"
-ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, COMPOSITION_FILE}
+ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME, COMPOSITION_FILE, CARD_NAME}  # save_pretrained writes the card too
 STEP_FOLDER = re.compile(r"step-\d{7}(\.tmp)?")
 SHOWN = 5  # paths named in an error
 
