@@ -97,14 +97,16 @@ class PeftConfig(metaclass=_ConfigType):
             self.modules_to_save = [self.modules_to_save]
         if isinstance(self.task_type, enum.Enum):  # TaskType.SEQ_CLS -> "SEQ_CLS"
             self.task_type = self.task_type.value
-        problems = type_problems(self)
-        if problems:
-            raise ConfigTypeError(
-                f"Invalid {type(self).__name__}: wrong field types:\n" + "\n".join(f"  - {p}" for p in problems)
-            )
-        problems = self.problems()
-        if problems:
-            raise ConfigError(f"Invalid {type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems))
+        wrong_types = type_problems(self)
+        try:
+            problems = wrong_types + self.problems()
+        except (TypeError, ValueError, AttributeError):  # a value check tripped over a field of the wrong type
+            if not wrong_types:
+                raise
+            problems = wrong_types
+        if problems:  # every problem in one message: the wrong types first, then the values
+            error = ConfigTypeError if wrong_types else ConfigError
+            raise error(f"Invalid {type(self).__name__}:\n" + "\n".join(f"  - {p}" for p in problems))
 
     def problems(self) -> list[str]:
         """Every problem with this config, as messages; subclasses extend the list."""
