@@ -21,6 +21,7 @@ from peftkit import (
     PrefixTuningConfig,
     PromptTuningConfig,
     TrainableTokensConfig,
+    VeraConfig,
 )
 
 
@@ -65,4 +66,5 @@ CASES: dict[str, Case] = {
         lambda kind: TrainableTokensConfig(token_indices=list(range(1, 100, 3)), task_type=TASKS[kind]),
         models=("bert", "llama"),
     ),
+    "VERA": Case(lambda kind: VeraConfig(r=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
 }

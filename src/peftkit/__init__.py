@@ -47,6 +47,7 @@ from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
+from peftkit.methods.vera import VeraConfig
 
 __version__ = "0.1.0"
 
@@ -88,6 +89,7 @@ __all__ = [
     "Stack",
     "TaskType",
     "TrainableTokensConfig",
+    "VeraConfig",
     "cast_mixed_precision_params",
     "get_layer_status",
     "get_model_status",

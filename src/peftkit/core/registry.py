@@ -28,6 +28,7 @@ _METHODS: dict[str, str] = {
     "DIFF": "peftkit.methods.diff_pruning",
     "LN_TUNING": "peftkit.methods.ln_tuning",
     "TRAINABLE_TOKENS": "peftkit.methods.trainable_tokens",
+    "VERA": "peftkit.methods.vera",
 }
 _BUILT_IN = frozenset(_METHODS)
 
