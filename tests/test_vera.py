@@ -114,11 +114,6 @@ def test_peftkit_saves_peft_loads_without_projection(kind, tmp_path):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core/io.py to_file_keys prefixes every dotted key with 'base_model.model.', so the model-level keys "
-    "'base_model.vera_A' / 'base_model.vera_B' cannot be written as peft names them yet (issue 20 report)",
-)
 def test_peftkit_saves_peft_loads_with_projection(tmp_path):
     reference = build("bert")
     ours = get_peft_model(copy.deepcopy(reference), VeraConfig(r=4, target_modules=TARGETS["bert"])).eval()

@@ -19,6 +19,7 @@ from peftkit.errors import AdapterNameError, CheckpointError
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
 PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (tuner) .model (the user's model)
+TUNER_PREFIX = "base_model."  # a key under the tuner but not the model: a model-level tensor (see to_file_keys)
 DEFAULT_ADAPTER = "default"
 
 
@@ -103,9 +104,10 @@ def load_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def to_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model-relative names -> peft's file keys. A name without a module path is a model-level tensor
-    (AdapterLayer.root_state_keys, e.g. peft's 'prompt_embeddings') and is written as it is."""
-    return {(PREFIX + k if "." in k else k): v for k, v in tensors.items()}
+    """Model-relative names -> peft's file keys. Model-level tensors (AdapterLayer.root_state_keys) are written as
+    they are: a name without a module path (peft's 'prompt_embeddings') or one already under peft's tuner
+    (``base_model.vera_A``: VeRA's shared projections live on the tuner, not in the user's model)."""
+    return {(k if "." not in k or k.startswith(TUNER_PREFIX) else PREFIX + k): v for k, v in tensors.items()}
 
 
 def from_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
