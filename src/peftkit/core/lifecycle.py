@@ -6,7 +6,8 @@ handing the base model back with its flags. :class:`peftkit.PeftModel` calls the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,6 +22,7 @@ from peftkit.errors import ConfigError, MergeError, choices
 if TYPE_CHECKING:
     from peftkit.core.config import PeftConfig
     from peftkit.core.method import AdapterHost
+    from peftkit.core.model import PeftModel
 
 LOW_PRECISION = {torch.float16, torch.bfloat16}  # what peft's autocast_adapter_dtype upcasts to float32
 
@@ -172,6 +174,27 @@ def check_composable(model: nn.Module, composition: Composition) -> None:
                 f"{composition!r} cannot run: the layer at {path!r} ({type(layer).__name__}) does not support "
                 "composition blocks. Use set_adapter([...]) to add the adapters' effects, or Parallel(...)."
             )
+
+
+# ---- disabling -------------------------------------------------------------------------------------------------
+@contextmanager
+def adapters_off(host: PeftModel) -> Iterator[None]:
+    """PeftModel.disable_adapter: the base model's output inside the block. A depth count on the model, which every
+    layer's ``disabled`` follows (``_refresh``), so blocks nest (adapters come back when the outermost one ends) and
+    an adapter added inside a block is off there too. Merged adapters are unmerged at the outermost block and merged
+    again when it ends (those still active then)."""
+    if host._disable_depth == 0:
+        host._remerge = merged_names(host.model)
+        unmerge_layers(host.model)
+    host._disable_depth += 1
+    host._refresh()
+    try:
+        yield
+    finally:
+        host._disable_depth -= 1
+        host._refresh()
+        if host._disable_depth == 0 and host._remerge:
+            merge_layers(host.model, host._remerge)
 
 
 # ---- merging ---------------------------------------------------------------------------------------------------

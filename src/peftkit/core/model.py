@@ -11,7 +11,7 @@ import copy
 import functools
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -25,17 +25,11 @@ from peftkit.core.inject import replace_module
 from peftkit.core.kwargs import strict_kwargs
 from peftkit.core.layer import BASE, AdapterLayer, Routing, routed
 from peftkit.core.lifecycle import TunerModel
-from peftkit.core.merge import adapter_layers, merge_layers, merged_names, unload_layers, unmerge_layers
+from peftkit.core.merge import adapter_layers, merged_names, unload_layers, unmerge_layers
 from peftkit.core.method import Call
 from peftkit.core.registry import method_of
 from peftkit.core.signature import SignatureFromModel
-from peftkit.errors import (
-    AdapterNameError,
-    AdapterNotFoundError,
-    MergeError,
-    RoutingError,
-    choices,
-)
+from peftkit.errors import AdapterNameError, AdapterNotFoundError, MergeError, RoutingError, choices
 
 
 class PeftModel(nn.Module):
@@ -195,23 +189,9 @@ class PeftModel(nn.Module):
             for p in params.values():
                 p.requires_grad_(id(p) in extra_on)
 
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Run the base model: every adapter off (merged ones are unmerged for the duration). Blocks nest: a depth
-        count on the model, which the layers follow, so adapters come back when the outermost block ends, and an
-        adapter added inside a block is off there too."""
-        if self._disable_depth == 0:
-            self._remerge = merged_names(self.model)
-            unmerge_layers(self.model)
-        self._disable_depth += 1
-        self._refresh()
-        try:
-            yield
-        finally:
-            self._disable_depth -= 1
-            self._refresh()
-            if self._disable_depth == 0 and self._remerge:
-                merge_layers(self.model, self._remerge)
+    def disable_adapter(self) -> AbstractContextManager[None]:
+        """Run the base model: every adapter off (merged ones unmerged for the duration); blocks nest."""
+        return lifecycle.adapters_off(self)
 
     # ---- forward / generate ------------------------------------------------------------------------------
     @SignatureFromModel  # inspect.signature shows the wrapped model's parameters (transformers' Trainer reads it)
@@ -408,14 +388,12 @@ def get_peft_model(
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters).
-
-    peft's signature: ``revision`` (the base model's) is recorded in the adapter's config; ``mixed`` is accepted and
-    changes nothing (a PeftModel holds adapters of different methods at once); ``autocast_adapter_dtype`` and
-    ``low_cpu_mem_usage`` as in :meth:`PeftModel.add_adapter`. A model another PeftModel wraps is refused.
-    """
-    peft_config = lifecycle.with_revision(peft_config, revision)
-    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+    """Wrap ``model`` with a new adapter described by ``peft_config`` (the only trainable parameters). peft's
+    signature: ``revision`` (the base model's) is recorded in the adapter's config; ``mixed`` is accepted and changes
+    nothing (a PeftModel holds adapters of different methods at once); ``autocast_adapter_dtype`` and
+    ``low_cpu_mem_usage`` as in :meth:`PeftModel.add_adapter`. A model another PeftModel wraps is refused."""
+    config = lifecycle.with_revision(peft_config, revision)
+    return PeftModel(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
 
 __all__ = ["AdapterLayer", "PeftModel", "TunerModel", "get_peft_model"]
