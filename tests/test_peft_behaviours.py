@@ -115,7 +115,7 @@ def test_safe_merge_refuses_non_finite_updates_as_peft(tmp_path):
 
 
 @pytest.mark.parametrize("autocast", [True, False])
-def test_adapter_dtype_on_a_bfloat16_base_follows_peft(autocast):
+def test_adapter_dtype_on_a_bfloat16_base_follows_peft(autocast, tmp_path):
     config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     ours = peftkit.get_peft_model(
         tiny_llama().to(torch.bfloat16), peftkit.LoraConfig(**config), autocast_adapter_dtype=autocast
@@ -128,6 +128,13 @@ def test_adapter_dtype_on_a_bfloat16_base_follows_peft(autocast):
     assert ours_dtypes == theirs_dtypes
     assert set(ours_dtypes.values()) == {torch.float32 if autocast else torch.bfloat16}
     assert output(ours, batch("llama")).isfinite().all()  # forward runs with adapters in either dtype
+    ours.save_pretrained(tmp_path)
+    loaded = [
+        cls.from_pretrained(tiny_llama().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=autocast)
+        for cls in (peftkit.PeftModel, peft.PeftModel)
+    ]
+    ours_loaded, theirs_loaded = ({n: p.dtype for n, p in m.named_parameters() if "lora_" in n} for m in loaded)
+    assert ours_loaded == theirs_loaded == ours_dtypes
 
 
 def _options(function) -> dict[str, object]:
