@@ -339,8 +339,8 @@ class PeftModel(nn.Module):
 
     # ---- checkpoints (core/checkpoint.py: signatures and docs there) ------------------------------------------
     adapter_state_dict = checkpoint.adapter_state_dict
-    save_pretrained = checkpoint.save_pretrained  # peft's options; all or nothing
-    load_adapter = checkpoint.load_adapter  # -> LoadResult(missing_keys, unexpected_keys)
+    save_pretrained = strict_kwargs(checkpoint.save_pretrained)  # peft's options; all or nothing
+    load_adapter = strict_kwargs(checkpoint.load_adapter)  # -> LoadResult(missing_keys, unexpected_keys)
     _load_state = checkpoint.load_state
 
     @classmethod
