@@ -170,18 +170,25 @@ class PeftConfig(metaclass=_ConfigType):
 
     @staticmethod
     def read_dict(directory: str | os.PathLike, name: str = CONFIG_NAME) -> dict[str, Any]:
+        """The JSON object in ``directory``/``name``; CheckpointError if absent, not UTF-8, not JSON or not an
+        object (null, a number, a list)."""
         path = Path(directory) / name
         if not path.is_file():
             raise CheckpointError(
-                f"No {CONFIG_NAME} in {str(directory)!r}. Pass the folder that save_pretrained wrote "
+                f"No {name} in {str(directory)!r}. Pass the folder that save_pretrained wrote "
                 "(it holds adapter_config.json and adapter_model.safetensors)."
             )
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{path} is not UTF-8 text ({err}); the checkpoint is corrupt.") from err
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
         if not isinstance(data, dict):
-            raise CheckpointError(f"{path} holds a {type(data).__name__}, not a JSON object; the file is corrupt.")
+            raise CheckpointError(
+                f"{path} holds a JSON {type(data).__name__} ({json.dumps(data)[:60]}), not an object of config "
+                'fields such as {"peft_type": "LORA", ...}; the checkpoint is corrupt. Save the adapter again.'
+            )
         return data
 
     def replace(self, **changes: Any) -> PeftConfig:

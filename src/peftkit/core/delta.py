@@ -57,16 +57,9 @@ class DeltaLayer(WrapsInPlace):
         method's delta is stochastic (it is the layer's ``training`` flag at forward)."""
         raise NotImplementedError(f"{type(self).__name__} must implement delta")
 
-    def _prefix(self) -> str:
-        """The ``base_layer.`` steps from this wrapper's ``base_layer`` to the module that owns the tensors."""
-        module, prefix = self.base_layer, ""
-        while isinstance(module, AdapterLayer):
-            module, prefix = module.base_layer, prefix + "base_layer."
-        return prefix
-
     def _run(self, names: list[str], args: tuple, kwargs: dict) -> Any:
         """The wrapped module with W + sum of the named adapters' ΔW (W itself is never written)."""
-        prefix, weights, held = self._prefix(), {}, self.held()
+        prefix, weights, held = self.base_prefix(), {}, self.held()
         for key, param in own_params(self):
             deltas = [self.delta(n, key, self.training).to(param.dtype) for n in names if n in held]
             if deltas:

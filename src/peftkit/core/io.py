@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
-from peftkit.core.config import CONFIG_NAME, PeftConfig
+from peftkit.core.config import PeftConfig
 from peftkit.core.files import atomic_write_bytes
 from peftkit.errors import AdapterNameError, CheckpointError
 
@@ -128,26 +128,9 @@ def from_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def read_config_dict(directory: str | os.PathLike) -> dict:
-    """The JSON object in ``directory``/adapter_config.json; CheckpointError if absent, not UTF-8, not JSON or
-    not an object (null, a number, a list)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(
-            f"No {CONFIG_NAME} in {str(directory)!r}. Pass the folder that save_pretrained wrote "
-            "(it holds adapter_config.json and adapter_model.safetensors)."
-        )
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path} is not UTF-8 text ({err}); the checkpoint is corrupt.") from err
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the checkpoint is corrupt.") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"{path} holds a JSON {type(data).__name__} ({json.dumps(data)[:60]}), not an object of config fields "
-            'such as {"peft_type": "LORA", ...}; the checkpoint is corrupt. Save the adapter again.'
-        )
-    return data
+    """The JSON object in ``directory``/adapter_config.json (:meth:`PeftConfig.read_dict`: every reader of a config
+    file gets the same checks)."""
+    return PeftConfig.read_dict(directory)
 
 
 def file_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:

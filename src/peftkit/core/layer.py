@@ -136,6 +136,14 @@ class AdapterLayer(nn.Module):
             base = base.base_layer
         return base
 
+    def base_prefix(self) -> str:
+        """The ``base_layer.`` steps from this wrapper's ``base_layer`` to the innermost wrapped module (whose tensors
+        ``torch.func.functional_call`` on ``base_layer`` then names ``<prefix><param>``)."""
+        module, prefix = self.base_layer, ""
+        while isinstance(module, AdapterLayer):
+            module, prefix = module.base_layer, prefix + "base_layer."
+        return prefix
+
     def set_adapter(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapter_names]
 

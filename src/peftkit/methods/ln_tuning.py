@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from peftkit.core.inject import inject_layers, own_layer_path
-from peftkit.core.layer import AdapterLayer, WrapsInPlace
+from peftkit.core.layer import WrapsInPlace
 from peftkit.core.method import Method, Training
 from peftkit.core.targeting import TargetingConfig, find_targets, resolve_targets
 
@@ -118,16 +118,9 @@ class LNTuningLayer(WrapsInPlace):
         copies = [self._copy_params(n) for n in names]
         return {k: w + sum(c[k].to(w.dtype) - w for c in copies) for k, w in original.items()}
 
-    def _prefix(self) -> str:
-        """The ``base_layer.`` steps from this wrapper's ``base_layer`` to the module that owns the tensors."""
-        module, prefix = self.base_layer, ""
-        while isinstance(module, AdapterLayer):
-            module, prefix = module.base_layer, prefix + "base_layer."
-        return prefix
-
     def _run(self, names: list[str], args: tuple, kwargs: dict) -> Any:
         """The wrapped module with the merged adapters' and ``names``' composition as its tensors."""
-        weights = {self._prefix() + k: v for k, v in self._combined([*self.merged_adapters, *names]).items()}
+        weights = {self.base_prefix() + k: v for k, v in self._combined([*self.merged_adapters, *names]).items()}
         return functional_call(self.base_layer, weights, args, kwargs, tie_weights=False, strict=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

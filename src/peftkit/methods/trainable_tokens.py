@@ -135,16 +135,9 @@ class TrainableTokensLayer(WrapsInPlace):
             weight = weight.index_copy(0, self._rows(name, weight.device), values)
         return weight
 
-    def _prefix(self) -> str:
-        """The ``base_layer.`` steps from this wrapper's ``base_layer`` to the module that owns the weight."""
-        module, prefix = self.base_layer, ""
-        while isinstance(module, AdapterLayer):
-            module, prefix = module.base_layer, prefix + "base_layer."
-        return prefix
-
     def _run(self, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """The wrapped module with E' as its weight (its own forward: padding_idx, scaled embeddings... kept)."""
-        weights = {self._prefix() + "weight": self.weight_with(names)}
+        weights = {self.base_prefix() + "weight": self.weight_with(names)}
         return functional_call(self.base_layer, weights, args, kwargs, tie_weights=False, strict=False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
