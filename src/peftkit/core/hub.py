@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from peftkit.errors import CheckpointError
 
@@ -101,6 +102,38 @@ def adapter_folder(model_id: str | os.PathLike, revision: str | None = None) -> 
     return folder
 
 
+def push_to_hub(
+    host: Any,
+    repo_id: str,
+    commit_message: str = "Upload adapter with peftkit",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    selected_adapters: list[str] | None = None,
+) -> Any:
+    """Upload the adapters as ``save_pretrained`` writes them (adapter_config.json, adapter_model.safetensors, the
+    README.md model card; peft's layout, so peft and the Hub's widgets read them) to the Hub repository ``repo_id``,
+    creating it if needed. Everything is written to a temporary folder first and goes up in one commit. Returns
+    huggingface_hub's CommitInfo."""
+    import tempfile
+
+    if not is_repo_id(repo_id):
+        raise CheckpointError(f"repo_id={repo_id!r} is not a Hugging Face Hub repository name; use 'user/name'.")
+    huggingface_hub = _huggingface_hub(repo_id, "repository", CheckpointError)
+    api = huggingface_hub.HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="peftkit-push-") as folder:
+        host.save_pretrained(folder, selected_adapters=selected_adapters)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
 def _huggingface_hub(repo_id: str, what: str, error: type):
     try:
         import huggingface_hub
@@ -142,4 +175,13 @@ def _explain(err: Exception, repo_id: str, filename: str, revision: str | None, 
     return f"{start}, and reading it from the Hugging Face Hub failed ({type(err).__name__}: {err})."
 
 
-__all__ = ["adapter_folder", "fetch_hint", "hub_file", "is_hub_name", "is_repo_id", "recorded_name", "snapshot"]
+__all__ = [
+    "adapter_folder",
+    "fetch_hint",
+    "hub_file",
+    "is_hub_name",
+    "is_repo_id",
+    "push_to_hub",
+    "recorded_name",
+    "snapshot",
+]

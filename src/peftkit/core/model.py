@@ -234,6 +234,11 @@ class PeftModel(nn.Module):
     ) -> Iterator[None]:
         """The call's per-row routing, held in a ContextVar (core/layer.py ``routed``), not on the shared layers:
         concurrent calls on one model (threads, asyncio tasks) each see their own."""
+        if isinstance(adapter_names, str):  # never its letters
+            raise TypeError(
+                f"adapter_names={adapter_names!r} is one string; give one adapter name per row, e.g. adapter_names="
+                f"[{adapter_names!r}] * batch_size (or set_adapter({adapter_names!r}) for the whole batch)."
+            )
         names = None if adapter_names is None else list(adapter_names)
         routing = None if names is None else self._make_routing(names, _batch_size(args, kwargs), for_generate)
         with routed(routing):
@@ -340,6 +345,7 @@ class PeftModel(nn.Module):
     # ---- checkpoints (core/checkpoint.py: signatures and docs there) ------------------------------------------
     adapter_state_dict = checkpoint.adapter_state_dict
     save_pretrained = strict_kwargs(checkpoint.save_pretrained)  # peft's options; all or nothing
+    push_to_hub = strict_kwargs(hub.push_to_hub)  # save_pretrained's files, one Hub commit
     load_adapter = strict_kwargs(checkpoint.load_adapter)  # -> LoadResult(missing_keys, unexpected_keys)
     _load_state = checkpoint.load_state
 
