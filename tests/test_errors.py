@@ -228,11 +228,11 @@ def _edit_config(folder: Path, **changes) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_dora_checkpoint_refused(saved):
-    _edit_config(saved, use_dora=True)
+def test_unsupported_option_checkpoint_refused(saved):
+    _edit_config(saved, use_qalora=True)
     model = tiny_bert()
     before = snapshot(model)
-    with pytest.raises(ConfigError, match=r"use_dora=True"):
+    with pytest.raises(ConfigError, match=r"use_qalora=True"):
         PeftModel.from_pretrained(model, saved)
     assert_unchanged(model, before)
 

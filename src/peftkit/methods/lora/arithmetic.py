@@ -96,6 +96,13 @@ def combine(
             f"combination_type={combination_type!r} scales factors by sqrt(weight); weights {weights} "
             "must be >= 0. Use 'cat' or 'svd' for negative weights."
         )
+    with_dora = [n for n in adapters if getattr(peft_model.peft_config[n], "use_dora", False)]
+    if with_dora:
+        raise ConfigError(
+            f"add_weighted_adapter cannot combine DoRA adapters {with_dora}: each one rescales the rows of W + s B A "
+            "by its own magnitude / norm, so no weighted sum of factors reproduces them (peft refuses too). Combine "
+            "plain LoRA adapters only, or merge_and_unload() the DoRA one first."
+        )
     plan = _plan(peft_model, adapters, combination_type, svd_rank)
     ranks = [r for *_, r in plan.values()]
     r0 = max(set(ranks), key=ranks.count)

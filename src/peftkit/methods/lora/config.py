@@ -52,7 +52,6 @@ class LoraConfig(TargetingConfig):
         "UNet2DConditionModel": ["to_q", "to_k", "to_v", "to_out.0"],
     }
     foreign_defaults: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
         "layer_replication": None,
         "loftq_config": {},
         "eva_config": None,
@@ -89,6 +88,13 @@ class LoraConfig(TargetingConfig):
         default=False,
         metadata={"help": "Give B a trainable bias (zero at init); merging adds s * that bias to the base bias."},
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||_c with a trainable magnitude m per "
+            "output row; Linear and GPT-2 Conv1D only."
+        },
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata={"help": "Per-module rank: {name-or-regex: r}."}
     )
@@ -105,6 +111,8 @@ class LoraConfig(TargetingConfig):
         if self.bias not in BIAS_CHOICES:
             problems.append(f"bias={self.bias!r} is not one of {choices(BIAS_CHOICES)}.")
         problems.extend(_init_problems(self.init_lora_weights))
+        if self.use_dora and self.lora_bias:
+            problems.append("use_dora=True with lora_bias=True: DoRA has no bias on B (peft refuses it too); drop one.")
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
         if bad:
             problems.append(f"rank_pattern has non-positive ranks {bad}; every rank must be a positive integer.")

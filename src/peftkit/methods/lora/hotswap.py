@@ -17,6 +17,11 @@ from peftkit.methods.lora.layers import LoraLayer, factors_of
 
 def _lora_layers(peft_model: AdapterHost, adapter_name: str) -> list[tuple[str, LoraLayer]]:
     """The adapter's LoRA layers; ConfigError for layers with two factor pairs (nn.MultiheadAttention)."""
+    if getattr(peft_model.peft_config.get(adapter_name), "use_dora", False):
+        raise ConfigError(
+            f"Hot-swapping cannot handle the DoRA adapter {adapter_name!r} (its magnitude vectors are not swapped in "
+            "place); use load_adapter() and set_adapter() to switch DoRA adapters."
+        )
     layers = [(p, m) for p, m in adapter_layers(peft_model.model) if isinstance(m, LoraLayer) and adapter_name in m.r]
     paired = [p for p, m in layers if len(m.adapter_param_names) > 2]
     if paired:
@@ -65,6 +70,10 @@ def _check_layer(path: str, layer: LoraLayer, name: str, tensors: dict[str, torc
 def hotswap(peft_model: AdapterHost, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]):
     """Check a checkpoint's factors against the loaded (possibly padded) ones; return the keys handled, a function
     that writes them (A into the first r rows, B into the first r columns, zeros elsewhere) and the new config."""
+    if config.use_dora:
+        raise ConfigError(
+            "Hot-swapping cannot load a DoRA checkpoint (use_dora=True) in place; use load_adapter() and set_adapter()."
+        )
     writes, scales = [], {}
     for path, layer in _lora_layers(peft_model, name):
         write = _check_layer(path, layer, name, tensors)

@@ -16,6 +16,7 @@ from torch import nn
 from peftkit.core.layer import WrapsInPlace
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
+from peftkit.methods.lora import dora
 from peftkit.methods.lora.config import LoraConfig
 
 
@@ -30,6 +31,7 @@ class LoraLayer(WrapsInPlace):
 
     adapter_other_names = ("lora_dropout", "scaling", "r")
     supports_lora_bias: ClassVar[bool] = True  # whether B can carry a bias (``lora_bias=True``)
+    supports_dora: ClassVar[bool] = False  # whether ``use_dora=True`` is implemented (methods/lora/dora.py)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -39,6 +41,8 @@ class LoraLayer(WrapsInPlace):
         self._stack_cache: tuple[Any, Any] | None = None
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        if config.use_dora:
+            dora.check_supported(self, module_name)
         r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -55,6 +59,8 @@ class LoraLayer(WrapsInPlace):
             self.create(adapter_name, r, config.lora_bias)
         for attr in self.adapter_param_names:
             holder = getattr(self, attr)
+            if adapter_name not in holder:  # DoRA's magnitude: created below, for DoRA adapters only
+                continue
             if isinstance(holder[adapter_name], nn.Parameter):
                 holder[adapter_name] = nn.Parameter(
                     torch.empty_like(holder[adapter_name], device=weight.device, dtype=dtype)
@@ -63,6 +69,8 @@ class LoraLayer(WrapsInPlace):
                 holder[adapter_name].to_empty(device=weight.device).to(dtype)
         with torch.no_grad():
             self.reset(adapter_name, config.init_lora_weights)
+        if config.use_dora:
+            dora.init_magnitude(self, adapter_name)
 
     def reference_weight(self) -> torch.Tensor:
         """The base tensor whose device (and float dtype) the factors take."""
@@ -109,7 +117,8 @@ class LoraLayer(WrapsInPlace):
         base = self.get_base_layer()
         with torch.no_grad():
             for name in adapter_names:
-                base.weight += self.delta_weight(name).to(base.weight.dtype)
+                delta = dora.merge_delta(self, name) if dora.is_dora(self, name) else self.delta_weight(name)
+                base.weight += delta.to(base.weight.dtype)
                 c = self.bias_delta(name)
                 if c is not None:
                     base.bias += c.to(base.bias.dtype)
@@ -119,8 +128,10 @@ class LoraLayer(WrapsInPlace):
         base = self.get_base_layer()
         with torch.no_grad():
             while self.merged_adapters:
-                name = self.merged_adapters.pop()
-                base.weight -= self.delta_weight(name).to(base.weight.dtype)
+                name = self.merged_adapters[-1]
+                delta = dora.unmerge_delta(self, name) if dora.is_dora(self, name) else self.delta_weight(name)
+                self.merged_adapters.pop()
+                base.weight -= delta.to(base.weight.dtype)
                 c = self.bias_delta(name)
                 if c is not None:
                     base.bias -= c.to(base.bias.dtype)
@@ -161,12 +172,17 @@ class LoraLayer(WrapsInPlace):
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, and on GPT-2's Conv1D (``fan_in_fan_out``: weight (in, out), ΔW transposed)."""
 
-    adapter_param_names = ("lora_A", "lora_B")
+    adapter_param_names = ("lora_A", "lora_B")  # + "lora_magnitude_vector" once a DoRA adapter is added
+    adapter_other_names = (*LoraLayer.adapter_other_names, "_dora_cache", "_dora_merged")
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (out,)
+        self._dora_cache: dict[str, tuple[Any, torch.Tensor]] = {}  # adapter -> (tensor versions, ||W + s B A||_c)
+        self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
         self.fan_in_fan_out = is_conv1d_gpt2(self.get_base_layer())
 
     def create(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -225,6 +241,8 @@ class LoraLinear(LoraLayer):
         live = self.live_adapters() if not routed else []
         if not live and not (routed and self.has_routed_adapters()):
             return self.base_layer(x, *args, **kwargs)
+        if self.lora_magnitude_vector and dora.uses_dora(self, self.routing.names if routed else live):
+            return dora.forward(self, x, live, *args, **kwargs)
         weight_t = self._plain_weight(x, *args, **kwargs)  # (in, out) or None
         if weight_t is None:
             result = self.base_layer(x, *args, **kwargs)  # (..., out)
@@ -320,5 +338,5 @@ class LoraEmbedding(LoraLayer):
 
 def factors_of(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The A and B tensors of any LoRA layer in their own shapes (A: (r, ...), B: (out, r, ...))."""
-    a, b = (getattr(layer, attr)[name] for attr in layer.adapter_param_names)
+    a, b = (getattr(layer, attr)[name] for attr in layer.adapter_param_names[:2])
     return (a if isinstance(a, nn.Parameter) else a.weight), (b if isinstance(b, nn.Parameter) else b.weight)
