@@ -17,6 +17,7 @@ from peftkit import (
     IA3Config,
     LayerFreezeConfig,
     LNTuningConfig,
+    LoHaConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -67,4 +68,9 @@ CASES: dict[str, Case] = {
         models=("bert", "llama"),
     ),
     "VERA": Case(lambda kind: VeraConfig(r=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
+    # GPT-2's Conv1D is not a layer peft's LoHa takes (Linear, Conv1d, Conv2d only): refused there, as peft does
+    "LOHA": Case(
+        lambda kind: LoHaConfig(r=4, alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind]),
+        models=("bert", "llama", "t5"),
+    ),
 }

@@ -43,6 +43,7 @@ from peftkit.methods.diff_pruning import DiffPruningConfig
 from peftkit.methods.freeze import LayerFreezeConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
+from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
@@ -70,6 +71,7 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LayerFreezeConfig",
+    "LoHaConfig",
     "LoraConfig",
     "NoMatchingPeftModuleError",
     "Parallel",

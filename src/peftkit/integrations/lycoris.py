@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from peftkit.core.factorised import tucker
 from peftkit.errors import CheckpointError, choices
 from peftkit.integrations.factors import DeltaLora
 
@@ -76,7 +77,7 @@ def product(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> torch.T
     """The (out, n) matrix whose shape :func:`product_shape` gives."""
     if t is None:
         return a.float() @ b.float().flatten(1)
-    return torch.einsum("ijkl,ip,jr->prkl", t.float(), a.float(), b.float().flatten(1)).flatten(1)
+    return tucker(t.float(), a.float(), b.float().flatten(1)).flatten(1)
 
 
 def loha(name: str, parts: dict[str, torch.Tensor], alpha: float | None) -> DeltaLora:
