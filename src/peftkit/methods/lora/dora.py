@@ -86,7 +86,7 @@ def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
     if cached is not None and cached[0] == key:
         return cached[1]
     w = _oriented(layer, weight).to(a.dtype)  # (out, in)
-    w_sq = w.square().sum(1)  # (out,)
+    w_sq = _row_sq(layer, w, (id(weight), weight._version, w.dtype, key[-1]))  # (out,) ||W_i||^2, W frozen
     cross = ((w @ a.T) * b).sum(1)  # (out,)  (W A^T)_i . B_i
     quad = ((b @ (a @ a.T)) * b).sum(1)  # (out,)  B_i (A A^T) B_i^T
     norm = (w_sq + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
@@ -94,9 +94,26 @@ def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
     return norm
 
 
+def _row_sq(layer: LoraLinear, w: torch.Tensor, key: tuple) -> torch.Tensor:
+    """||W_i||^2 (out,), cached until the base weight changes (merging, loading): one pass over W saved per step."""
+    cached = layer._dora_cache.get("||W||^2")
+    if cached is None or cached[0] != key:
+        cached = (key, w.square().sum(1))
+        layer._dora_cache["||W||^2"] = cached
+    return cached[1]
+
+
 def factor(layer: LoraLinear, name: str) -> torch.Tensor:
-    """f = m / ||W + s B A||_c (out,): differentiable in m, the norm a constant (section 4.3)."""
-    return getattr(layer, MAGNITUDE)[name] / weight_norm(layer, name)
+    """f = m / ||W + s B A||_c (out,): differentiable in m, the norm a constant (section 4.3). Without autograd
+    (inference) f itself is cached, next to the norm it divides by."""
+    m, norm = getattr(layer, MAGNITUDE)[name], weight_norm(layer, name)
+    if torch.is_grad_enabled() and m.requires_grad:
+        return m / norm
+    cached = layer._dora_cache.get((name, "f"))  # (norm, m, m's version, f): the tensors held, so ids stay unique
+    if cached is None or cached[0] is not norm or cached[1] is not m or cached[2] != m._version:
+        cached = (norm, m, m._version, (m / norm).detach())
+        layer._dora_cache[(name, "f")] = cached
+    return cached[3]
 
 
 # ---- forward ---------------------------------------------------------------------------------------------------
@@ -123,7 +140,10 @@ def _fused(layer: LoraLinear, x: torch.Tensor, name: str, weight_t: torch.Tensor
     y = torch.mm(h, lora_b.weight.T).addmm_(x2, weight_t)  # (N, out): W x + s B A x
     f = factor(layer, name).to(y.dtype)  # (out,)
     bias = layer.base_layer.bias
-    out = y * f if bias is None else torch.addcmul(bias, y, f)
+    if y.requires_grad:  # autograd keeps y for m's gradient: out of place
+        out = y * f if bias is None else torch.addcmul(bias, y, f)
+    else:  # inference: scale the fresh GEMM output in place (no second (N, out) buffer)
+        out = y.mul_(f) if bias is None else y.mul_(f).add_(bias)
     return out.reshape(*x.shape[:-1], -1)
 
 

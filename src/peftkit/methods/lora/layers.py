@@ -181,7 +181,7 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (out,)
-        self._dora_cache: dict[str, tuple[Any, torch.Tensor]] = {}  # adapter -> (tensor versions, ||W + s B A||_c)
+        self._dora_cache: dict[Any, tuple] = {}  # adapter -> (versions, ||W + s B A||_c); (adapter, "f") -> m / norm
         self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
         self.fan_in_fan_out = is_conv1d_gpt2(self.get_base_layer())
 
