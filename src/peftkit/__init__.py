@@ -45,6 +45,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
@@ -93,6 +94,7 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "cast_mixed_precision_params",
+    "create_loraplus_optimizer",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",

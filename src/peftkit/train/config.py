@@ -63,6 +63,10 @@ class TrainConfig:
         default=None, metadata={"help": "Peak learning rate (AdamW); default: the method's own (LoRA 2e-3, ...)."}
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    loraplus_lr_ratio: float | None = field(
+        default=None,
+        metadata={"help": "LoRA+ (method lora only): LoRA's B trains at this ratio x lr (the paper suggests 16)."},
+    )
     warmup_ratio: float = field(default=0.06, metadata={"help": "Share of the steps spent warming the lr up from 0."})
     schedule: str = field(default="linear", metadata={"help": f"lr decay after warmup: {', '.join(SCHEDULES)}."})
     epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored with max_steps)."})
@@ -122,6 +126,11 @@ class TrainConfig:
         out = []
         if self.lr is not None and not self.lr > 0:
             out.append(f"--lr {self.lr!r} must be > 0 (typical for adapters: 1e-4 to 1e-2).")
+        if self.loraplus_lr_ratio is not None and (self.method != "lora" or not self.loraplus_lr_ratio > 0):
+            out.append(
+                f"--loraplus-lr-ratio {self.loraplus_lr_ratio!r} with --method {self.method!r}: LoRA+ needs --method "
+                "lora and a ratio > 0 (typical: 16); drop the flag for other methods."
+            )
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"--warmup-ratio {self.warmup_ratio!r} must be in [0, 1).")
         if self.model_dropout is not None and not 0 <= self.model_dropout < 1:

@@ -43,6 +43,19 @@ def build_method_config(method: str, args: dict[str, Any], task_type: str | None
         raise ConfigError(f"--method {method}{where}: {err}") from err
 
 
+def optimizer_groups(config: TrainConfig, method: Method, host: Any, lr: float) -> list[Any]:
+    """What AdamW trains and at which rates: LoRA+'s groups under ``--loraplus-lr-ratio``, else the method's own
+    groups (``Training.param_groups``), else every trainable parameter at ``lr``."""
+    decay = config.weight_decay
+    if config.loraplus_lr_ratio is not None:
+        from peftkit.methods.lora.loraplus import loraplus_param_groups
+
+        return loraplus_param_groups(host, lr, config.loraplus_lr_ratio, loraplus_weight_decay=decay)
+    if method.training.param_groups:
+        return method.training.param_groups(host, lr, decay)
+    return [p for p in host.parameters() if p.requires_grad]
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Every ``nn.Dropout`` of ``model`` drops with probability ``p`` (attention dropout included: Hugging Face
     models read it from the module). Short runs learn faster without it."""

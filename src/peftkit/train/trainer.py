@@ -49,6 +49,7 @@ from peftkit.train.setup import (
     checkpoint_activations,
     cpu_threads,
     lr_lambda,
+    optimizer_groups,
     prepare_base,
 )
 
@@ -129,13 +130,8 @@ class Trainer:
         """AdamW over the parameters that train now (the method's groups, if any), and the lr schedule positioned
         after ``step`` optimizer steps: at a mid-run stage change the schedule continues, warmup is not repeated."""
         self.params = [p for p in self.pm.parameters() if p.requires_grad]
-        decay = self.config.weight_decay
-        groups = (
-            self.method.training.param_groups(self.pm, self.lr, decay)
-            if self.method.training.param_groups
-            else self.params
-        )
-        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=decay)
+        groups = optimizer_groups(self.config, self.method, self.pm, self.lr)  # LoRA+, the method's or all at lr
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.config.weight_decay)
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]  # each group's peak rate, which the schedule scales
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor, last_epoch=step - 1)
