@@ -18,6 +18,7 @@ from peftkit import (
     LayerFreezeConfig,
     LNTuningConfig,
     LoHaConfig,
+    LoKrConfig,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -71,6 +72,11 @@ CASES: dict[str, Case] = {
     # GPT-2's Conv1D is not a layer peft's LoHa takes (Linear, Conv1d, Conv2d only): refused there, as peft does
     "LOHA": Case(
         lambda kind: LoHaConfig(r=4, alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind]),
+        models=("bert", "llama", "t5"),
+    ),
+    # as LoHa: GPT-2's Conv1D is refused (peft's LoKr takes Linear, Conv1d, Conv2d only); r=2 keeps W2 (8, 8) factored
+    "LOKR": Case(
+        lambda kind: LoKrConfig(r=2, alpha=4, target_modules=TARGETS[kind], task_type=TASKS[kind]),
         models=("bert", "llama", "t5"),
     ),
 }

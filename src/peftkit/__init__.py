@@ -44,6 +44,7 @@ from peftkit.methods.freeze import LayerFreezeConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
+from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -73,6 +74,7 @@ __all__ = [
     "LNTuningConfig",
     "LayerFreezeConfig",
     "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "NoMatchingPeftModuleError",
     "Parallel",

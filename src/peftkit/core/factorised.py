@@ -56,15 +56,15 @@ def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """kron(w1, w2) for w1 (a, b) and w2 (c, d) or a kernel (c, d, *k): (a c, b d) or (a c, b d, *k); w1 gets
     trailing unit dimensions (torch.kron would put them in front and mix the kernel into the channels)."""
     w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
-    return torch.kron(w1, w2.contiguous())
+    return torch.kron(w1, w2.clone(memory_format=torch.contiguous_format))  # dense strides, size-1 dims included
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """(m, n) with m n = dimension and m <= n, as Hugging Face peft's LoKr splits a dimension.
+    """(m, n) with m n = dimension, as Hugging Face peft's LoKr splits a dimension.
 
-    ``factor`` > 0 dividing ``dimension``: (factor, dimension / factor). Otherwise m grows through the divisors of
-    ``dimension`` while m + n shrinks and m <= factor (-1: no bound), so the pair ends near the square root:
-    256 -> (16, 16), 128 -> (8, 16), 127 -> (1, 127), and 128 with factor 4 -> (4, 32)."""
+    ``factor`` > 0 dividing ``dimension``: (factor, dimension / factor), in that order (12 with 4 -> (4, 3)).
+    Otherwise m <= n, m growing through the divisors of ``dimension`` while m + n shrinks and m <= factor (-1: no
+    bound), so the pair ends near the square root: 256 -> (16, 16), 128 -> (8, 16), 127 -> (1, 127)."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     bound = dimension if factor == -1 else factor

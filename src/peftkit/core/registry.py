@@ -30,6 +30,7 @@ _METHODS: dict[str, str] = {
     "TRAINABLE_TOKENS": "peftkit.methods.trainable_tokens",
     "VERA": "peftkit.methods.vera",
     "LOHA": "peftkit.methods.loha",
+    "LOKR": "peftkit.methods.lokr",
 }
 _BUILT_IN = frozenset(_METHODS)
 
