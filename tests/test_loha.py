@@ -31,7 +31,7 @@ def perturb_factors(model: nn.Module, seed: int) -> None:
 
 
 class ConvNet(nn.Module):
-    """A small convolutional model: a 3x3 conv (padding, stride), a grouped 3x3 conv, a 1x1 conv and a Linear."""
+    """A small convolutional model: a 3x3 conv, a strided grouped 3x3 conv, a 1x1 conv, a Conv1d and a Linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,15 +39,16 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, stride=2, groups=2, padding=1)
         self.pointwise = nn.Conv2d(8, 6, 1)
+        self.temporal = nn.Conv1d(6, 6, 3, padding=1)
         self.head = nn.Linear(6, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv1(x))  # (B, 8, H, W)
-        h = self.pointwise(F.relu(self.conv2(h)))  # (B, 6, H/2, W/2)
-        return self.head(h.mean(dim=(2, 3)))  # (B, 4)
+        h = self.pointwise(F.relu(self.conv2(h))).flatten(2)  # (B, 6, H/2 · W/2)
+        return self.head(F.relu(self.temporal(h)).mean(dim=2))  # (B, 4)
 
 
-CONV_TARGETS = ["conv1", "conv2", "pointwise", "head"]
+CONV_TARGETS = ["conv1", "conv2", "pointwise", "temporal", "head"]
 
 
 def images() -> torch.Tensor:
