@@ -227,12 +227,13 @@ def test_norm_cached_until_a_weight_changes():
 @pytest.mark.parametrize(
     "config, match",
     [
-        (dict(target_modules=["emb"]), "use_dora=True is not supported on 'emb'"),
-        (dict(target_modules=["lin"], lora_bias=True), "lora_bias=True"),
+        (dict(target_modules=["grouped"]), "use_dora=True is not supported on 'grouped'"),
+        (dict(target_modules=["attn"]), "use_dora=True is not supported on 'attn'"),
+        (dict(target_modules=["conv"], lora_bias=True), "lora_bias=True"),
     ],
 )
 def test_unsupported_refused(config, match):
-    model = Net()
+    model = EmbConvNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=match):
         get_peft_model(model, LoraConfig(r=4, use_dora=True, **config))
@@ -248,3 +249,82 @@ def test_combine_and_hotswap_refused(tmp_path):
     pm.save_pretrained(tmp_path, selected_adapters=["b"])
     with pytest.raises(ConfigError, match="DoRA"):
         hotswap_adapter(pm, str(tmp_path / "b"), adapter_name="default")
+
+
+class EmbConvNet(nn.Module):
+    """An embedding feeding a Conv2d (and an unused grouped conv and attention, for the refusals)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 12)
+        self.conv = nn.Conv2d(3, 5, kernel_size=3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, kernel_size=1, groups=2)
+        self.attn = nn.MultiheadAttention(12, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (B, T)
+        e = self.emb(ids)  # (B, T, 12)
+        return self.conv(e.transpose(1, 2).reshape(ids.shape[0], 3, 4, -1)).flatten(1)  # (B, 5 * 4 * T)
+
+
+def emb_conv_model(**kw) -> PeftModel:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "conv"], use_dora=True, **kw)
+    pm = get_peft_model(EmbConvNet(), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(0, 0.3)
+            if "magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+    return pm
+
+
+def test_embedding_and_conv_formula_by_hand():
+    pm = emb_conv_model()
+    emb, conv = pm.base_model.model.emb, pm.base_model.model.conv
+    ids = torch.randint(0, 20, (2, 6))
+    table = emb.get_base_layer().weight  # (num, dim): the outputs are the dim columns
+    s = emb.scaling["default"]
+    adapted = table + s * (emb.lora_embedding_B["default"] @ emb.lora_embedding_A["default"]).T
+    m = emb.lora_magnitude_vector["default"]
+    torch.testing.assert_close(emb(ids), (m * adapted / adapted.norm(dim=0))[ids], **TOL)
+    x = torch.randn(2, 3, 4, 6)
+    base = conv.get_base_layer()
+    a, b = conv.lora_A["default"].weight, conv.lora_B["default"].weight  # (r, 3, 3, 3), (5, r, 1, 1)
+    w = base.weight + conv.scaling["default"] * (b.flatten(1) @ a.flatten(1)).view(base.weight.shape)
+    m = conv.lora_magnitude_vector["default"]  # (1, 5, 1, 1), peft's shape
+    assert m.shape == (1, 5, 1, 1)
+    w_dora = m.view(-1, 1, 1, 1) * w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(conv(x), F.conv2d(x, w_dora, base.bias, padding=1), **TOL)
+
+
+def test_embedding_and_conv_peft_both_ways_merge_and_rows(tmp_path):
+    pm = emb_conv_model()
+    pm.eval()
+    ids = torch.randint(0, 20, (3, 6))
+    expected = pm(ids)
+    pm.save_pretrained(tmp_path / "kit")
+    theirs = peft.PeftModel.from_pretrained(EmbConvNet(), tmp_path / "kit").eval()
+    torch.testing.assert_close(theirs(ids), expected, **TOL)
+    theirs.save_pretrained(tmp_path / "peft")
+    kit_keys = set(load_file(tmp_path / "kit" / "adapter_model.safetensors"))
+    assert kit_keys == set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    back = PeftModel.from_pretrained(EmbConvNet(), tmp_path / "peft").eval()
+    torch.testing.assert_close(back(ids), expected, **TOL)
+    before = {k: v.clone() for k, v in pm.base_model.model.state_dict().items() if "base_layer" in k}
+    pm.merge_adapter()
+    torch.testing.assert_close(pm(ids), expected, **TOL)
+    pm.unmerge_adapter()
+    for key, value in before.items():
+        torch.testing.assert_close(pm.base_model.model.state_dict()[key], value, atol=1e-6, rtol=0)
+    pm.add_adapter("plain", LoraConfig(r=2, target_modules=["emb", "conv"], init_lora_weights=False))
+    rows = []
+    for k, name in enumerate(["plain", "default", "__base__"]):
+        if name == "__base__":
+            with pm.disable_adapter():
+                rows.append(pm(ids[k : k + 1]))
+        else:
+            pm.set_adapter(name)
+            rows.append(pm(ids[k : k + 1]))
+    torch.testing.assert_close(pm(ids, adapter_names=["plain", "default", "__base__"]), torch.cat(rows), **TOL)

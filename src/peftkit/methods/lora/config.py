@@ -92,7 +92,7 @@ class LoraConfig(TargetingConfig):
         default=False,
         metadata={
             "help": "DoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||_c with a trainable magnitude m per "
-            "output row; Linear and GPT-2 Conv1D only."
+            "output; Linear, GPT-2 Conv1D, Embedding and (ungrouped) Conv1d/2d/3d."
         },
     )
     rank_pattern: dict[str, int] = field(

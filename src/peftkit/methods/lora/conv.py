@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import ConfigError, MergeError
+from peftkit.methods.lora import dora
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layers import LoraLayer, LoraLinear
 
@@ -23,6 +24,7 @@ class _LoraConv(LoraLayer):
     """LoRA on a convolution; subclasses only name the conv class (Conv1d, Conv2d, Conv3d)."""
 
     adapter_param_names = ("lora_A", "lora_B")
+    dora_layout = "conv"
     conv_class: ClassVar[type[nn.Module]]
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -76,6 +78,8 @@ class _LoraConv(LoraLayer):
         return self.lora_B[name](lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.lora_magnitude_vector and not self.disabled:
+            return dora.forward_conv(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # (B, out, ...)
         if self.routing is not None and not self.disabled:
             groups = self.routed_groups(x.shape[0])  # a loop over adapters present, not over rows

@@ -19,6 +19,10 @@ The norm is computed once per forward with the Gram identity ||W_i + s (BA)_i||^
 + s^2 B_i (A A^T) B_i^T (no (out, in) temporary), and cached until W, A, B or the scale change (tensor version
 counters), so unmerged inference pays one elementwise scale per layer over LoRA.
 
+Embeddings (peft's layout): the outputs are the embedding dimensions, so m and the norm (over the vocabulary) have
+one entry per dimension: h = f * (E[x] + s (A^T[x]) B^T). Convolutions: one per output channel, the kernel flattened
+(m stored (1, out, 1, ...), peft's shape); grouped convolutions are refused (their LoRA update has no weight shape).
+
 Merging folds ``D = (f - 1) W0 + f ΔW`` into the weight (W0: the weight with no adapter merged, ΔW = s B A), which is
 ``f (W0 + ΔW)`` for one adapter and keeps merged output equal to unmerged output when several LoRA / DoRA adapters
 are merged together. The f of each merged adapter is kept, so W0 is recovered exactly at any time:
@@ -36,18 +40,20 @@ from torch import nn
 from peftkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from peftkit.methods.lora.layers import LoraLinear
+    from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's attribute and file key (``<module>.lora_magnitude_vector``)
 
 
-def check_supported(layer: nn.Module, module_name: str) -> None:
+def check_supported(layer: LoraLayer, module_name: str) -> None:
     """ConfigError, before anything is created, for layer types DoRA is not implemented on."""
-    if not getattr(layer, "supports_dora", False):
+    groups = getattr(layer.get_base_layer(), "groups", 1)
+    if layer.dora_layout is None or groups > 1:
         raise ConfigError(
             f"use_dora=True is not supported on {module_name!r} ({type(layer).__name__} around "
-            f"{type(layer.get_base_layer()).__name__}); peftkit's DoRA covers nn.Linear and GPT-2 Conv1D. Exclude the "
-            "module (exclude_modules=[...]) or set use_dora=False."
+            f"{type(layer.get_base_layer()).__name__}{f', groups={groups}' if groups > 1 else ''}); peftkit's DoRA "
+            "covers nn.Linear, GPT-2 Conv1D, nn.Embedding and ungrouped nn.Conv1d/2d/3d. Exclude the module "
+            "(exclude_modules=[...]) or set use_dora=False."
         )
 
 
@@ -55,26 +61,49 @@ def is_dora(layer: nn.Module, name: str) -> bool:
     return name in getattr(layer, MAGNITUDE, {})
 
 
-def _oriented(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
-    """A weight-shaped tensor as (out, in) (GPT-2's Conv1D stores (in, out))."""
-    return weight.T if layer.fan_in_fan_out else weight
+def _oriented(layer: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (out, in): GPT-2's Conv1D stores (in, out), an embedding (num, dim) has one output
+    per embedding dimension (as peft: the norm runs over the vocabulary), a convolution (out, in, *k) flattens."""
+    if layer.dora_layout == "conv":
+        return weight.flatten(1)
+    if layer.dora_layout == "embedding" or layer.fan_in_fan_out:
+        return weight.T
+    return weight
 
 
-def init_magnitude(layer: LoraLinear, name: str) -> None:
-    """m = ||W + s B A||_c (B = 0 under the default init: ||W||_c), so DoRA starts at the base model's output."""
+def _stored(layer: LoraLayer, oriented: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_oriented``: an (out, in) tensor in the base weight's own layout."""
+    if layer.dora_layout == "conv":
+        return oriented.view(layer.get_base_layer().weight.shape)
+    return oriented.T if layer.dora_layout == "embedding" or layer.fan_in_fan_out else oriented
+
+
+def _flat_factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in) and B (out, r) as matrices, so that ΔW (out, in) = s B A for every layout."""
+    a, b = (getattr(layer, attr)[name] for attr in layer.adapter_param_names[:2])
+    a, b = (a if isinstance(a, nn.Parameter) else a.weight), (b if isinstance(b, nn.Parameter) else b.weight)
+    return a.flatten(1), b.flatten(1)
+
+
+def init_magnitude(layer: LoraLayer, name: str) -> None:
+    """m = ||W + s B A||_c (B = 0 under the default init: ||W||_c), so DoRA starts at the base model's output.
+    Stored (out,), or (1, out, 1, ...) on convolutions, peft's shapes."""
     if MAGNITUDE not in layer.adapter_param_names:  # per instance: plain-LoRA layers keep their two containers
         layer.adapter_param_names = (*layer.adapter_param_names, MAGNITUDE)
-    a, _ = layer.factors(name)
+    a, _ = _flat_factors(layer, name)
+    weight = layer.get_base_layer().weight
     with torch.no_grad():
-        w0 = _oriented(layer, layer.get_base_layer().weight).to(a.dtype)
+        w0 = _oriented(layer, weight).to(a.dtype)
         norm = torch.linalg.norm(w0 + _oriented(layer, layer.delta_weight(name)).to(a.dtype), dim=1)  # (out,)
+    if layer.dora_layout == "conv":
+        norm = norm.view(1, -1, *([1] * (weight.dim() - 2)))
     getattr(layer, MAGNITUDE)[name] = nn.Parameter(norm)
 
 
 @torch.no_grad()
-def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
+def weight_norm(layer: LoraLayer, name: str) -> torch.Tensor:
     """||W + s B A||_c (out,), detached, via the Gram identity; cached until a tensor it reads changes."""
-    a, b = layer.factors(name)  # (r, in), (out, r)
+    a, b = _flat_factors(layer, name)  # (r, in), (out, r)
     weight = layer.get_base_layer().weight
     scale = float(layer.scaling[name])
     key = (
@@ -94,7 +123,7 @@ def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
     return norm
 
 
-def _row_sq(layer: LoraLinear, w: torch.Tensor, key: tuple) -> torch.Tensor:
+def _row_sq(layer: LoraLayer, w: torch.Tensor, key: tuple) -> torch.Tensor:
     """||W_i||^2 (out,), cached until the base weight changes (merging, loading): one pass over W saved per step."""
     cached = layer._dora_cache.get("||W||^2")
     if cached is None or cached[0] != key:
@@ -103,15 +132,15 @@ def _row_sq(layer: LoraLinear, w: torch.Tensor, key: tuple) -> torch.Tensor:
     return cached[1]
 
 
-def factor(layer: LoraLinear, name: str) -> torch.Tensor:
+def factor(layer: LoraLayer, name: str) -> torch.Tensor:
     """f = m / ||W + s B A||_c (out,): differentiable in m, the norm a constant (section 4.3). Without autograd
     (inference) f itself is cached, next to the norm it divides by."""
     m, norm = getattr(layer, MAGNITUDE)[name], weight_norm(layer, name)
     if torch.is_grad_enabled() and m.requires_grad:
-        return m / norm
+        return m.reshape(-1) / norm
     cached = layer._dora_cache.get((name, "f"))  # (norm, m, m's version, f): the tensors held, so ids stay unique
     if cached is None or cached[0] is not norm or cached[1] is not m or cached[2] != m._version:
-        cached = (norm, m, m._version, (m / norm).detach())
+        cached = (norm, m, m._version, (m.reshape(-1) / norm).detach())
         layer._dora_cache[(name, "f")] = cached
     return cached[3]
 
@@ -173,21 +202,78 @@ def _routed(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     result = layer.base_layer(x, *args, **kwargs)  # (B, ..., out)
     bias = layer.get_base_layer().bias
     wx = result if bias is None else result - bias
+    low = layer._routed(x, None).reshape(wx.shape).to(wx.dtype)  # (B, ..., out)
+    out = (wx + low) * _row_scales(layer, x.shape[0], wx)  # (B, 1.., out) scales
+    return out if bias is None else out + bias
+
+
+def forward_embedding(layer: LoraEmbedding, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """LoRA / DoRA on an embedding: E[x] + sum_LoRA s (A^T[x]) B^T + sum_DoRA ((f - 1) E[x] + f s (A^T[x]) B^T),
+    f over the embedding dimensions (for one DoRA adapter: peft's f * (E[x] + s (A^T[x]) B^T))."""
+    result = layer.base_layer(x, *args, **kwargs)  # (..., dim)
+    if layer.routing is not None:
+        if not layer.has_routed_adapters():
+            return result
+        scale = _row_scales(layer, x.shape[0], result)  # (B, 1.., dim)
+        return (result + layer._routed(x).to(result.dtype)) * scale
+    out = result
+    for name in layer.live_adapters():
+        a, b = layer.factors(name)  # (r, num), (dim, r)
+        low = ((layer._lookup(x, a.T) @ b.T) * layer.scaling[name]).to(result.dtype)  # (..., dim)
+        if is_dora(layer, name):
+            f = factor(layer, name).to(result.dtype)
+            low = (f - 1) * result + f * low
+        out = out + low
+    return out
+
+
+def _row_scales(layer: LoraLayer, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-row g (B, 1.., out) for outputs whose last dimension is the output: f for DoRA rows, 1 otherwise."""
     names = layer.routing.names
-    g = wx.new_ones(len(names), wx.shape[-1])  # (n, out)
+    g = like.new_ones(len(names), like.shape[-1])  # (n, out)
     for k, name in enumerate(names):
         if is_dora(layer, name):
             g[k] = factor(layer, name).to(g.dtype)
-    rows = layer.routing.rows(x.shape[0])  # (B,)
-    low = layer._routed(x, None).reshape(wx.shape).to(wx.dtype)  # (B, ..., out)
-    scale = g[rows].reshape(x.shape[0], *([1] * (wx.dim() - 2)), -1)  # (B, 1.., out)
-    out = (wx + low) * scale
-    return out if bias is None else out + bias
+    rows = layer.routing.rows(batch)  # (B,)
+    return g[rows].reshape(batch, *([1] * (like.dim() - 2)), -1)
+
+
+def forward_conv(layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """LoRA / DoRA on a convolution, the Linear formulas per output channel (W x: the base conv without its bias)."""
+    result = layer.base_layer(x, *args, **kwargs)  # (B, out, ...)
+    base = layer.get_base_layer()
+    view = (1, -1, *([1] * (result.dim() - 2)))
+    wx = result if base.bias is None else result - base.bias.view(view)
+    if layer.routing is not None:
+        groups = layer.routed_groups(x.shape[0])  # a loop over the adapters present, not over rows
+        if groups:
+            delta = torch.zeros_like(result)
+            for name, idx in groups:
+                delta[idx] = _conv_term(layer, name, x[idx], wx[idx], view).to(result.dtype)
+            result = result + delta
+        return result
+    for name in layer.live_adapters():
+        result = result + _conv_term(layer, name, x, wx, view).to(result.dtype)
+    return result
+
+
+def _conv_term(layer: LoraLayer, name: str, x: torch.Tensor, wx: torch.Tensor, view: tuple) -> torch.Tensor:
+    """s B A x' (LoRA) or (f - 1) W x' + f s B A x' (DoRA), x' the dropped input (W x' = W x without dropout)."""
+    dropout, lora_a = layer.lora_dropout[name], layer.lora_A[name]
+    xd = dropout(x.to(lora_a.weight.dtype))
+    low = layer.lora_B[name](lora_a(xd)) * layer.scaling[name]  # (B, out, ...)
+    if not is_dora(layer, name):
+        return low
+    base = layer.get_base_layer()
+    if not (isinstance(dropout, nn.Identity) or not layer.training):
+        wx = base._conv_forward(xd, base.weight.to(xd.dtype), None)
+    f = factor(layer, name).view(view)
+    return (f - 1) * wx + f * low
 
 
 # ---- merge -----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _unmerged_weight(layer: LoraLinear) -> torch.Tensor:
+def _unmerged_weight(layer: LoraLayer) -> torch.Tensor:
     """W0 (out, in): the base weight with every merged adapter taken out (see the module docstring)."""
     w = _oriented(layer, layer.get_base_layer().weight).float()
     den = torch.ones_like(w[:, 0])  # (out,)
@@ -203,19 +289,19 @@ def _unmerged_weight(layer: LoraLinear) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_delta(layer: LoraLinear, name: str) -> torch.Tensor:
+def merge_delta(layer: LoraLayer, name: str) -> torch.Tensor:
     """D = (f - 1) W0 + f ΔW (storage orientation), with f = m / ||W0 + ΔW||_c kept for the exact unmerge."""
     w0 = _unmerged_weight(layer)
     delta = _oriented(layer, layer.delta_weight(name)).float()
-    f = getattr(layer, MAGNITUDE)[name].float() / torch.linalg.norm(w0 + delta, dim=1)
+    f = getattr(layer, MAGNITUDE)[name].reshape(-1).float() / torch.linalg.norm(w0 + delta, dim=1)
     layer._dora_merged[name] = f
-    return _oriented(layer, (f - 1)[:, None] * w0 + f[:, None] * delta)
+    return _stored(layer, (f - 1)[:, None] * w0 + f[:, None] * delta)
 
 
 @torch.no_grad()
-def unmerge_delta(layer: LoraLinear, name: str) -> torch.Tensor:
+def unmerge_delta(layer: LoraLayer, name: str) -> torch.Tensor:
     """The D that ``merge_delta`` added for ``name`` (which must still be listed as merged), rebuilt from W0."""
     w0 = _unmerged_weight(layer)
     f = layer._dora_merged.pop(name)
     delta = _oriented(layer, layer.delta_weight(name)).float()
-    return _oriented(layer, (f - 1)[:, None] * w0 + f[:, None] * delta)
+    return _stored(layer, (f - 1)[:, None] * w0 + f[:, None] * delta)

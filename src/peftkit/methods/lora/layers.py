@@ -29,9 +29,10 @@ class LoraLayer(WrapsInPlace):
     expects of peft's layers.
     """
 
-    adapter_other_names = ("lora_dropout", "scaling", "r")
+    adapter_other_names = ("lora_dropout", "scaling", "r", "_dora_cache", "_dora_merged")
     supports_lora_bias: ClassVar[bool] = True  # whether B can carry a bias (``lora_bias=True``)
-    supports_dora: ClassVar[bool] = False  # whether ``use_dora=True`` is implemented (methods/lora/dora.py)
+    # how DoRA (methods/lora/dora.py) reads the weight as (out, in): "linear", "embedding", "conv"; None: no DoRA
+    dora_layout: ClassVar[str | None] = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -39,6 +40,9 @@ class LoraLayer(WrapsInPlace):
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
         self._stack_cache: tuple[Any, Any] | None = None
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (one per output row)
+        self._dora_cache: dict[Any, tuple] = {}  # adapter -> (versions, ||W + s B A||_c); (adapter, "f") -> m / norm
+        self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
 
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.use_dora:
@@ -173,16 +177,12 @@ class LoraLinear(LoraLayer):
     """LoRA on nn.Linear, and on GPT-2's Conv1D (``fan_in_fan_out``: weight (in, out), ΔW transposed)."""
 
     adapter_param_names = ("lora_A", "lora_B")  # + "lora_magnitude_vector" once a DoRA adapter is added
-    adapter_other_names = (*LoraLayer.adapter_other_names, "_dora_cache", "_dora_merged")
-    supports_dora = True
+    dora_layout = "linear"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (out,)
-        self._dora_cache: dict[Any, tuple] = {}  # adapter -> (versions, ||W + s B A||_c); (adapter, "f") -> m / norm
-        self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
         self.fan_in_fan_out = is_conv1d_gpt2(self.get_base_layer())
 
     def create(self, adapter_name: str, r: int, bias: bool) -> None:
@@ -285,6 +285,7 @@ class LoraEmbedding(LoraLayer):
 
     adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
     supports_lora_bias = False  # as in peft: B is a bare Parameter
+    dora_layout = "embedding"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -318,6 +319,8 @@ class LoraEmbedding(LoraLayer):
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.lora_magnitude_vector and not self.disabled:
+            return dora.forward_embedding(self, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)  # (..., dim)
         if self.routing is not None and not self.disabled:
             return result + self._routed(x).to(result.dtype) if self.has_routed_adapters() else result
