@@ -20,6 +20,7 @@ from peftkit import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     TrainableTokensConfig,
@@ -69,6 +70,11 @@ CASES: dict[str, Case] = {
         models=("bert", "llama"),
     ),
     "VERA": Case(lambda kind: VeraConfig(r=8, target_modules=TARGETS[kind], task_type=TASKS[kind])),
+    # GPT-2's Conv1D is not a layer peft's OFT takes (Linear, Conv2d, Embedding): refused there, as peft does
+    "OFT": Case(
+        lambda kind: OFTConfig(oft_block_size=8, target_modules=TARGETS[kind], task_type=TASKS[kind]),
+        models=("bert", "llama", "t5"),
+    ),
     # GPT-2's Conv1D is not a layer peft's LoHa takes (Linear, Conv1d, Conv2d only): refused there, as peft does
     "LOHA": Case(
         lambda kind: LoHaConfig(r=4, alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind]),

@@ -47,6 +47,7 @@ from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
+from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
@@ -77,6 +78,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "NoMatchingPeftModuleError",
+    "OFTConfig",
     "Parallel",
     "PeftConfig",
     "PeftError",

@@ -261,7 +261,9 @@ class ModulesToSave(AdapterLayer):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.base_layer)
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        # peft's layout: the copy's tensors under the module's own name.
+        # peft's layout: the copy's tensors under the module's own name (none for an adapter without a copy here).
+        if adapter_name not in self.modules_to_save:
+            return {}
         return dict(self.modules_to_save[adapter_name].state_dict(keep_vars=True))
 
     def load_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ _METHODS: dict[str, str] = {
     "LN_TUNING": "peftkit.methods.ln_tuning",
     "TRAINABLE_TOKENS": "peftkit.methods.trainable_tokens",
     "VERA": "peftkit.methods.vera",
+    "OFT": "peftkit.methods.oft",
     "LOHA": "peftkit.methods.loha",
     "LOKR": "peftkit.methods.lokr",
 }
