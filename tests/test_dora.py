@@ -9,12 +9,14 @@ import json
 
 import peft
 import pytest
+import test_contract as contract
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from cases import CASES, TARGETS, TASKS, Case
 from peftkit import LoraConfig, PeftModel, get_peft_model, hotswap_adapter
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import LoraLinear
@@ -328,3 +330,24 @@ def test_embedding_and_conv_peft_both_ways_merge_and_rows(tmp_path):
             pm.set_adapter(name)
             rows.append(pm(ids[k : k + 1]))
     torch.testing.assert_close(pm(ids, adapter_names=["plain", "default", "__base__"]), torch.cat(rows), **TOL)
+
+
+# ---- DESIGN.md's shared rules (tests/test_contract.py) with use_dora=True on every architecture ----------------
+def _contract_params() -> list[tuple[str, str]]:
+    """(check, model kind) as test_contract runs them for LoRA (generate: decoder models only)."""
+    checks = [n for n in dir(contract) if n.startswith("test_") and n != "test_every_method_has_a_case"]
+    generate = "test_generate_runs_and_disabling_gives_the_base_model"
+    decoders = {k for m, k in contract.DECODERS if m == "LORA"}
+    return [(c, k) for c in checks for k in CASES["LORA"].models if c != generate or k in decoders]
+
+
+@pytest.mark.parametrize(("check", "kind"), _contract_params())
+def test_contract_rules_hold_for_dora(check, kind, monkeypatch, tmp_path):
+    dora_case = Case(
+        lambda kind: LoraConfig(
+            r=4, lora_alpha=8, target_modules=TARGETS[kind], task_type=TASKS[kind], use_dora=True, lora_dropout=0.1
+        )
+    )
+    monkeypatch.setitem(CASES, "LORA", dora_case)
+    run = getattr(contract, check)
+    run("LORA", kind, tmp_path) if "tmp_path" in run.__code__.co_varnames else run("LORA", kind)
