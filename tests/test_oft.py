@@ -161,7 +161,7 @@ def test_merge_then_unmerge_restores_w_and_merged_equals_unmerged(neumann):
         torch.testing.assert_close(pm.model[i].base_layer.weight, base[i].weight, atol=1e-6, rtol=0)
 
 
-def test_conv2d_and_embedding_are_refused_naming_the_module():
+def test_larger_conv2d_kernels_and_embedding_are_refused_naming_the_module():
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Embedding(10, 4))
     with pytest.raises(ConfigError, match=r"'0' \(Conv2d\).*nn.Linear"):
         get_peft_model(model, OFTConfig(oft_block_size=2, target_modules=["0"]))
@@ -232,3 +232,30 @@ def test_peftkit_saves_peft_loads(kind, options, tmp_path):
     mine = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
     assert sorted(mine) == sorted(peft_file) and all(k.endswith(".oft_R.weight") for k in mine)
+
+
+def tiny_conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU(), nn.Conv2d(6, 4, 1, stride=2, padding=1))
+
+
+def test_1x1_conv2d_rotates_each_pixel_merges_and_loads_in_peft_both_ways(tmp_path):
+    base = tiny_conv_model()
+    x = torch.randn(2, 8, 5, 5)
+    ours = get_peft_model(copy.deepcopy(base), OFTConfig(oft_block_size=2, target_modules=["0", "2"]))
+    perturb_oft(ours, seed=6, scale=0.3)
+    ours.eval()
+    rotated = ours.model[0].oft_R["default"](x.movedim(1, -1)).movedim(-1, 1)  # each pixel's channels
+    torch.testing.assert_close(ours.model[0](x), base[0](rotated), atol=TOL, rtol=0)
+    expected = ours.model(x)
+    assert (expected - base(x)).abs().max() > 1e-2
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(x), expected, atol=TOL, rtol=0)
+    theirs.save_pretrained(tmp_path / "peft")
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    torch.testing.assert_close(again.model(x), expected, atol=TOL, rtol=0)
+    ours.merge_adapter()
+    torch.testing.assert_close(ours.model(x), expected, atol=TOL, rtol=0)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.model[2].base_layer.weight, base[2].weight, atol=1e-6, rtol=0)

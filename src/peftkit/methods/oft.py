@@ -25,7 +25,9 @@ Several active adapters rotate the input in turn (the first one first); merging 
 (W Rₙᵀ ... R₁ᵀ); a merged adapter acts after every unmerged one (see ``OFTLinear.merge_order``). Unmerging solves
 W' = W Rᵀ for W (exact even where the Neumann R is not quite orthogonal). Per-row routing (``adapter_names=``)
 rotates each row group's inputs with its adapter. The checkpoint is peft's: ``<module>.oft_R.weight``.
-nn.Linear only: peft's OFT also takes Conv2d and Embedding, which peftkit refuses with an error naming the module.
+Layers: nn.Linear and 1x1 nn.Conv2d (each pixel's channels rotated). peft 0.21 also takes larger kernels, rotating
+unfolded patches and summing them back, which its own merge (W Rᵀ on the flattened kernel) does not reproduce; peftkit
+refuses those, and Embedding, with an error naming the module.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ from peftkit.core.method import Method, Training
 from peftkit.core.targeting import TargetingConfig, find_targets, iter_free_modules, resolve_targets
 
 BIASES = ("none", "all", "oft_only")
-SUPPORTED = "nn.Linear (peft's OFT also takes Conv2d and Embedding; peftkit's does not yet: use LoRA or LoHa there)"
+SUPPORTED = (
+    "nn.Linear and 1x1 nn.Conv2d (groups=1). On larger kernels peft 0.21's OFT rotates overlapping patches and sums "
+    "them, so its merged weights disagree with its own forward; Embedding is not supported yet: use LoRA or LoHa there"
+)
 
 
 @dataclass(kw_only=True)
@@ -212,7 +217,11 @@ class OFTLinear(WrapsInPlace):
 
     def update_layer(self, adapter_name: str, config: OFTConfig, module_name: str) -> None:
         base = self.get_base_layer()
-        self.oft_R[adapter_name] = OFTRotation(config, base.in_features, base.weight.device)
+        self.oft_R[adapter_name] = OFTRotation(config, base.weight.shape[1], base.weight.device)  # in (channels)
+
+    def rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Rᵀ x for the input x (..., in)."""
+        return self.oft_R[name](x)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.routing is not None and not self.disabled:
@@ -220,11 +229,11 @@ class OFTLinear(WrapsInPlace):
             if groups:
                 x = x.clone()
             for name, rows in groups:
-                x[rows] = self.oft_R[name](x[rows])  # (rows, ..., in)
+                x[rows] = self.rotate(name, x[rows])
             return self.base_layer(x, *args, **kwargs)
         for name in self.live_adapters():
             if name in self.oft_R:
-                x = self.oft_R[name](x)  # (B, T, in), rotated
+                x = self.rotate(name, x)  # (B, T, in), rotated
         return self.base_layer(x, *args, **kwargs)  # (B, T, out)
 
     # ---- merging: W ↦ W Rᵀ, and its inverse (solve X Rᵀ = W') ----------------------------------------------
@@ -261,17 +270,35 @@ class OFTLinear(WrapsInPlace):
             weight.copy_(restored.transpose(0, 1).reshape(weight.shape))
 
 
+class OFTConv2d(OFTLinear):
+    """OFT on a 1x1 nn.Conv2d: the channels of every pixel rotated, h = conv(Rᵀ x); merged, W' = W Rᵀ on
+    W (out, in, 1, 1), where peft 0.21's forward and merge agree."""
+
+    def rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> each pixel's channels rotated."""
+        return self.oft_R[name](x.movedim(1, -1)).movedim(-1, 1)
+
+
 # ---- attaching ----------------------------------------------------------------------------------------------
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear)
+def layer_class(module: nn.Module) -> type[OFTLinear] | None:
+    """OFT's layer for this module, or None where it does not apply (first match wins)."""
+    if isinstance(module, nn.Linear):
+        return OFTLinear
+    if isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1) and module.groups == 1:
+        return OFTConv2d
+    return None
+
+
+def supported(module: nn.Module) -> bool:
+    return layer_class(module) is not None
 
 
 def inject(model: nn.Module, config: OFTConfig, adapter_name: str) -> None:
     """Resolve peft's default targets into the (copied) config, so it is saved explicit, then wrap."""
     config.target_modules = resolve_targets(model, config)
-    targets = find_targets(model, config, is_linear, supported_label=SUPPORTED)
+    targets = find_targets(model, config, supported, supported_label=SUPPORTED)
     targets = [own_layer_path(model, n, OFTLinear) for n in targets]
-    inject_layers(model, config, adapter_name, targets, lambda m: OFTLinear if is_linear(m) else None)
+    inject_layers(model, config, adapter_name, targets, layer_class)
 
 
 def extra_trainable(model: nn.Module, config: OFTConfig) -> dict[str, nn.Parameter]:
