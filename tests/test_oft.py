@@ -259,3 +259,37 @@ def test_1x1_conv2d_rotates_each_pixel_merges_and_loads_in_peft_both_ways(tmp_pa
     torch.testing.assert_close(ours.model(x), expected, atol=TOL, rtol=0)
     ours.unmerge_adapter()
     torch.testing.assert_close(ours.model[2].base_layer.weight, base[2].weight, atol=1e-6, rtol=0)
+
+
+def test_module_dropout_sets_that_share_of_blocks_to_the_identity_in_training_only():
+    pm = get_peft_model(tiny_linear_model(), OFTConfig(oft_block_size=2, module_dropout=0.5, target_modules=["0"]))
+    rotation = pm.model[0].oft_R["default"]  # 4 blocks of 2
+    with torch.no_grad():
+        rotation.weight.fill_(0.5)
+    eye = torch.eye(2)
+    rotation.train()
+    dropped = rotation.dropped(rotation.blocks())
+    assert sum(torch.equal(block, eye) for block in dropped) == 2  # int(0.5 * 4)
+    rotation.eval()
+    assert not any(torch.equal(block, eye) for block in rotation.dropped(rotation.blocks()))
+
+
+def test_bias_oft_only_trains_and_saves_the_wrapped_biases_as_peft(tmp_path):
+    reference = build("bert")
+    config = OFTConfig(oft_block_size=8, target_modules=["query"], bias="oft_only", task_type="SEQ_CLS")
+    ours = get_peft_model(copy.deepcopy(reference), config)
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad and n.endswith("bias")]
+    assert any("query.base_layer.bias" in n for n in trainable)
+    assert not any("value" in n or "key" in n for n in trainable)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "query.base_layer.bias" in name:
+                p.add_(torch.randn(p.shape, generator=g))
+    perturb_oft(ours, seed=9, scale=0.3)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any(k.endswith("query.base_layer.bias") for k in keys)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path).eval()
+    torch.testing.assert_close(output(theirs, batch("bert")), output(ours, batch("bert")), atol=TOL, rtol=0)
