@@ -70,9 +70,9 @@ def test_rank_must_be_positive(r):
 
 def test_all_config_problems_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        LoraConfig(r=0, lora_dropout=1.5, bias="some", init_lora_weights="pissa", rank_pattern={"q": 0})
+        LoraConfig(r=0, lora_dropout=1.5, bias="some", init_lora_weights="loftq", rank_pattern={"q": 0})
     message = str(info.value)
-    for part in ("r=0", "lora_dropout=1.5", "bias='some'", "init_lora_weights='pissa'", "rank_pattern"):
+    for part in ("r=0", "lora_dropout=1.5", "bias='some'", "init_lora_weights='loftq'", "rank_pattern"):
         assert part in message
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit.core.inject import inject_layers
 from peftkit.core.layer import AdapterLayer, ModulesToSave
 from peftkit.core.targeting import base_of, find_targets, is_conv1d_gpt2, iter_free_modules
 from peftkit.errors import ConfigError
+from peftkit.methods.lora import inits
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
@@ -37,6 +39,7 @@ def dispatch(module: nn.Module) -> type[LoraLayer] | None:
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
     _check_not_in_attention(model, targets)
+    _check_weight_inits(model, config, targets)
     inject_layers(model, config, adapter_name, targets, dispatch)
 
 
@@ -52,6 +55,25 @@ def _check_not_in_attention(model: nn.Module, targets: list[str]) -> None:
             f"a LoRA there would have no effect. Target the attention module itself ({parents[0]!r}: LoRA on its "
             "in- and out-projections, as in peft), or leave them out with exclude_modules."
         )
+
+
+def _check_weight_inits(model: nn.Module, config: LoraConfig, targets: list[str]) -> None:
+    """PiSSA / OLoRA change the base weights in place, which a rolled-back injection cannot undo: refuse every
+    target they cannot initialise before the first one is touched."""
+    if not inits.is_weight_init(config.init_lora_weights):
+        return
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        layer_class = dispatch(base)
+        shape = tuple(getattr(base, "weight", torch.empty(0)).shape)
+        r = config.rank_for(name)
+        if layer_class is None or not layer_class.supports_weight_inits or r > min(shape, default=0):
+            raise ConfigError(
+                f"init_lora_weights={config.init_lora_weights!r} cannot initialise {name!r} ({type(base).__name__}, "
+                f"weight {shape}, r={r}): it decomposes a Linear / GPT-2 Conv1D weight into r <= min(out, in) "
+                "directions. Exclude the module, lower r there (rank_pattern), or use init_lora_weights=True."
+            )
 
 
 def extra_trainable(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:

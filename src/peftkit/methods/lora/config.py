@@ -10,9 +10,9 @@ from peftkit.core.targeting import TargetingConfig
 from peftkit.errors import choices
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora")
 # peft 0.21's other initialisations (data- or weight-driven): refused by name until peftkit implements them.
-PEFT_ONLY_INITS = ("pissa", "pissa_niter_<n>", "olora", "loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
+PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
 
 
 @dataclass(kw_only=True)
@@ -82,7 +82,11 @@ class LoraConfig(TargetingConfig):
     bias: str = field(default="none", metadata={"help": "Which biases also train: 'none', 'all' or 'lora_only'."})
     use_rslora: bool = field(default=False, metadata={"help": "Scale by alpha / sqrt(r) (rank-stabilised LoRA)."})
     init_lora_weights: bool | str = field(
-        default=True, metadata={"help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random."}
+        default=True,
+        metadata={
+            "help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random; 'pissa', "
+            "'pissa_niter_<n>', 'olora': from the base weight's SVD / QR (the residual stays in the base weight)."
+        },
     )
     lora_bias: bool = field(
         default=False,
@@ -133,12 +137,25 @@ def _pattern_value(pattern: dict, module_name: str, default):
     return default
 
 
+def _niter(init: object) -> int | None:
+    """n of 'pissa_niter_<n>' (n >= 0), else None."""
+    if not isinstance(init, str) or not init.startswith("pissa_niter_"):
+        return None
+    n = init.removeprefix("pissa_niter_")
+    return int(n) if n.isdigit() else None
+
+
 def _init_problems(init: object) -> list[str]:
     """init_lora_weights must be one of INIT_CHOICES (an int such as 1 is not True); peft's other values are named
     as not implemented, anything else as unknown."""
-    if isinstance(init, bool) or (isinstance(init, str) and init in INIT_CHOICES):
+    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _niter(init) is not None:
         return []
-    supported = "True (A Kaiming-uniform, B = 0), False (random A and B) or 'gaussian' (A ~ N(0, 1/r), B = 0)"
+    supported = (
+        "True (A Kaiming-uniform, B = 0), False (random A and B), 'gaussian' (A ~ N(0, 1/r), B = 0), 'pissa' / "
+        "'pissa_niter_<n>' (principal singular vectors) or 'olora' (QR)"
+    )
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        return [f"init_lora_weights={init!r}: the number of iterations must be an integer >= 0, as in 'pissa_niter_4'."]
     name = init.split("_niter_")[0] if isinstance(init, str) else None
     if name in {i.split("_niter_")[0] for i in PEFT_ONLY_INITS}:
         return [

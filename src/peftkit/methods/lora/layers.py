@@ -16,7 +16,7 @@ from torch import nn
 from peftkit.core.layer import WrapsInPlace
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
-from peftkit.methods.lora import dora
+from peftkit.methods.lora import dora, inits
 from peftkit.methods.lora.config import LoraConfig
 
 
@@ -33,6 +33,7 @@ class LoraLayer(WrapsInPlace):
     supports_lora_bias: ClassVar[bool] = True  # whether B can carry a bias (``lora_bias=True``)
     # how DoRA (methods/lora/dora.py) reads the weight as (out, in): "linear", "embedding", "conv"; None: no DoRA
     dora_layout: ClassVar[str | None] = None
+    supports_weight_inits: ClassVar[bool] = False  # init_lora_weights="pissa" / "olora" (methods/lora/inits.py)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -47,6 +48,12 @@ class LoraLayer(WrapsInPlace):
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
         if config.use_dora:
             dora.check_supported(self, module_name)
+        if inits.is_weight_init(config.init_lora_weights) and not self.supports_weight_inits:
+            raise ConfigError(
+                f"init_lora_weights={config.init_lora_weights!r} is not supported on {module_name!r} "
+                f"({type(self.get_base_layer()).__name__}); it decomposes a Linear / GPT-2 Conv1D weight. Exclude the "
+                "module or use init_lora_weights=True."
+            )
         r, alpha = config.rank_for(module_name), config.alpha_for(module_name)
         self.r[adapter_name] = r
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -178,6 +185,7 @@ class LoraLinear(LoraLayer):
 
     adapter_param_names = ("lora_A", "lora_B")  # + "lora_magnitude_vector" once a DoRA adapter is added
     dora_layout = "linear"
+    supports_weight_inits = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -193,6 +201,9 @@ class LoraLinear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, out_f, bias=bias)
 
     def reset(self, adapter_name: str, init: bool | str) -> None:
+        if inits.is_weight_init(init):  # PiSSA / OLoRA: A, B from the base weight, the residual left in it
+            inits.init_from_weight(self, adapter_name, init)
+            return
         if init is False:  # the layers' own random init for A and B: not an identity at start
             self.lora_A[adapter_name].reset_parameters()
             self.lora_B[adapter_name].reset_parameters()
