@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dora.py                            # Llama-shaped 4 x 256 and tiny 2 x 64, batch 8 x 128
     python benchmarks/bench_dora.py --sizes 6x512 --repeats 9  # the issue's larger shape
+    python benchmarks/bench_dora.py --sizes minilm             # the real all-MiniLM-L6-v2 (SEQ_CLS), q/k/v/dense
     python benchmarks/bench_dora.py --device cuda
 
 Four contenders on copies of the same randomly initialised LlamaForCausalLM (built from a config, nothing
@@ -29,9 +30,30 @@ import peftkit
 
 warnings.filterwarnings("ignore")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MINILM_TARGETS = ["query", "key", "value", "dense"]
 
 
-def build(layers: int, hidden: int, device: str) -> LlamaForCausalLM:
+def build(size: str, batch: int, length: int, device: str) -> tuple[torch.nn.Module, list[str], dict]:
+    """(base model, LoRA targets, one batch with labels) for a LAYERSxHIDDEN Llama or the real MiniLM."""
+    if size == "minilm":
+        import sys
+        from pathlib import Path
+
+        from transformers import AutoModelForSequenceClassification
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from common import minilm_folder
+
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_folder(), num_labels=2).to(device)
+        ids = torch.randint(1000, 20000, (batch, length), device=device)
+        return model, MINILM_TARGETS, {"input_ids": ids, "labels": torch.randint(0, 2, (batch,), device=device)}
+    layers, hidden = (int(v) for v in size.split("x"))
+    ids = torch.randint(0, 1000, (batch, length), device=device)
+    return llama(layers, hidden, device), TARGETS, {"input_ids": ids, "labels": ids}
+
+
+def llama(layers: int, hidden: int, device: str) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=1000,
@@ -44,14 +66,14 @@ def build(layers: int, hidden: int, device: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).to(device)
 
 
-def contenders(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def contenders(base: torch.nn.Module, targets: list[str]) -> dict[str, torch.nn.Module]:
     out = {}
     for lib, (make, config_cls) in {
         "peftkit": (peftkit.get_peft_model, peftkit.LoraConfig),
         "peft": (peft.get_peft_model, peft.LoraConfig),
     }.items():
         for method, use_dora in (("lora", False), ("dora", True)):
-            model = make(copy.deepcopy(base), config_cls(r=8, lora_alpha=16, target_modules=TARGETS, use_dora=use_dora))
+            model = make(copy.deepcopy(base), config_cls(r=8, lora_alpha=16, target_modules=targets, use_dora=use_dora))
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():
                 for p in model.parameters():
@@ -66,21 +88,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timings(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int, device: str) -> dict[str, dict]:
+def timings(models: dict[str, torch.nn.Module], inputs: dict, repeats: int, device: str) -> dict[str, dict]:
     optimisers = {
         k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()
     }
 
     def train_step(name: str) -> None:
         model = models[name].train()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**inputs).loss
         loss.backward()
         optimisers[name].step()
         optimisers[name].zero_grad(set_to_none=True)
 
     def infer(name: str) -> None:
         with torch.inference_mode():
-            models[name].eval()(input_ids=ids)
+            models[name].eval()(input_ids=inputs["input_ids"])
 
     names = list(models)
     result = {n: {"train": [], "infer": []} for n in names}
@@ -98,7 +120,7 @@ def timings(models: dict[str, torch.nn.Module], ids: torch.Tensor, repeats: int,
 
 
 def report(size: str, t: dict[str, dict]) -> None:
-    print(f"\n== Llama {size} ==")
+    print(f"\n== {'MiniLM (all-MiniLM-L6-v2)' if size == 'minilm' else f'Llama {size}'} ==")
     print(f"{'contender':<14} {'train step ms':>14} {'inference ms':>13}")
     for name, row in t.items():
         print(f"{name:<14} {row['train'] * 1e3:>14.2f} {row['infer'] * 1e3:>13.2f}")
@@ -111,7 +133,7 @@ def report(size: str, t: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["4x256", "2x64"], help="LAYERSxHIDDEN shapes")
+    parser.add_argument("--sizes", nargs="+", default=["4x256", "2x64"], help="LAYERSxHIDDEN Llama shapes, or minilm")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
@@ -119,12 +141,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, peft {peft.__version__}, device {args.device}, threads {threads}")
-    print(f"batch {args.batch} x {args.length} tokens, r=8 on {', '.join(TARGETS)}, median of {args.repeats}")
+    print(f"batch {args.batch} x {args.length} tokens, r=8 on every projection, median of {args.repeats}")
     for size in args.sizes:
-        layers, hidden = (int(v) for v in size.split("x"))
-        base = build(layers, hidden, args.device)
-        ids = torch.randint(0, 1000, (args.batch, args.length), device=args.device)
-        report(size, timings(contenders(base), ids, args.repeats, args.device))
+        base, targets, inputs = build(size, args.batch, args.length, args.device)
+        report(size, timings(contenders(base, targets), inputs, args.repeats, args.device))
 
 
 if __name__ == "__main__":
