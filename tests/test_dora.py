@@ -351,3 +351,36 @@ def test_contract_rules_hold_for_dora(check, kind, monkeypatch, tmp_path):
     monkeypatch.setitem(CASES, "LORA", dora_case)
     run = getattr(contract, check)
     run("LORA", kind, tmp_path) if "tmp_path" in run.__code__.co_varnames else run("LORA", kind)
+
+
+def test_conv_dropout_in_training_follows_peft_form():
+    pm = emb_conv_model(lora_dropout=0.5)
+    pm.train()
+    conv = pm.base_model.model.conv
+    base = conv.get_base_layer()
+    x = torch.randn(2, 3, 4, 6)
+    torch.manual_seed(5)
+    got = conv(x)
+    torch.manual_seed(5)
+    xd = F.dropout(x, 0.5, training=True)
+    a, b, s = conv.lora_A["default"].weight, conv.lora_B["default"].weight, conv.scaling["default"]
+    w = base.weight + s * (b.flatten(1) @ a.flatten(1)).view(base.weight.shape)
+    f = (conv.lora_magnitude_vector["default"].flatten() / w.flatten(1).norm(dim=1)).view(1, -1, 1, 1)
+    wx, wxd = F.conv2d(x, base.weight, padding=1), F.conv2d(xd, base.weight, padding=1)
+    low = F.conv2d(F.conv2d(xd, a, padding=1), b) * s
+    expected = wx + base.bias.view(1, -1, 1, 1) + (f - 1) * wxd + f * low
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_bf16_base_trains_and_merges():
+    model = Net().to(torch.bfloat16)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["lin", "gpt"], use_dora=True, init_lora_weights=False))
+    x = torch.randn(2, 3, 12, dtype=torch.bfloat16)
+    pm(x).float().square().sum().backward()
+    magnitude = pm.base_model.model.lin.lora_magnitude_vector["default"]
+    assert magnitude.dtype == torch.float32 and magnitude.grad is not None
+    pm.eval()
+    with torch.no_grad():
+        unmerged = pm(x)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), unmerged, atol=0.05, rtol=0.02)  # bf16 rounding of the merged weight
