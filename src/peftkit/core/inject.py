@@ -125,3 +125,22 @@ def add_modules_to_save(model: nn.Module, config: PeftConfig, inj: Injection) ->
 
 def _named(name: str, keys: list[str]) -> bool:
     return any(re.fullmatch(rf"(.*\.)?{re.escape(key)}", name) for key in keys)
+
+
+def trainable_biases(model: nn.Module, every: bool, layer_class: type[AdapterLayer]) -> dict[str, nn.Parameter]:
+    """The base biases a method trains and saves beside its adapters (peft's ``bias="all"`` / ``"<method>_only"``):
+    every leaf module's bias (``every``), or only those of the modules ``layer_class`` wraps; named as peft saves
+    them (``<module>.base_layer.bias`` for a wrapped module). A ModulesToSave copy holds (and saves) its own bias."""
+    out: dict[str, nn.Parameter] = {}
+    for name, module in iter_free_modules(model):
+        wrapped = isinstance(module, AdapterLayer)
+        if isinstance(module, ModulesToSave) or (wrapped and not every and not isinstance(module, layer_class)):
+            continue
+        if not wrapped and (not every or any(True for _ in module.children())):
+            continue
+        path = name
+        while isinstance(module, AdapterLayer):
+            module, path = module.base_layer, f"{path}.base_layer"
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            out[f"{path}.bias"] = module.bias
+    return out

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from peftkit.core.factorised import DEFAULT_TARGETS
-from peftkit.core.inject import inject_layers, own_layer_path
-from peftkit.core.layer import AdapterLayer, ModulesToSave, WrapsInPlace
+from peftkit.core.inject import inject_layers, own_layer_path, trainable_biases
+from peftkit.core.layer import WrapsInPlace
 from peftkit.core.method import Method, Training
-from peftkit.core.targeting import TargetingConfig, find_targets, iter_free_modules, resolve_targets
+from peftkit.core.targeting import TargetingConfig, find_targets, resolve_targets
 
 BIASES = ("none", "all", "oft_only")
 SUPPORTED = (
@@ -302,22 +302,8 @@ def inject(model: nn.Module, config: OFTConfig, adapter_name: str) -> None:
 
 
 def extra_trainable(model: nn.Module, config: OFTConfig) -> dict[str, nn.Parameter]:
-    """``bias="all"``: every bias of the base model; ``"oft_only"``: those of the layers OFT wraps (peft's keys,
-    ``<module>.base_layer.bias`` for a wrapped module)."""
-    if config.bias == "none":
-        return {}
-    out = {}
-    for name, module in iter_free_modules(model):
-        if isinstance(module, ModulesToSave) or (config.bias == "oft_only" and not isinstance(module, OFTLinear)):
-            continue
-        if not isinstance(module, AdapterLayer) and any(True for _ in module.children()):
-            continue
-        path = name
-        while isinstance(module, AdapterLayer):
-            module, path = module.base_layer, f"{path}.base_layer"
-        if isinstance(getattr(module, "bias", None), nn.Parameter):
-            out[f"{path}.bias"] = module.bias
-    return out
+    """``bias="all"``: every bias of the base model; ``"oft_only"``: those of the layers OFT wraps (peft's keys)."""
+    return {} if config.bias == "none" else trainable_biases(model, config.bias == "all", OFTLinear)
 
 
 METHOD = Method(

@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peftkit.core.inject import Injection, add_modules_to_save, own_layer_path
-from peftkit.core.layer import AdapterLayer, ModulesToSave, WrapsInPlace
+from peftkit.core.inject import Injection, add_modules_to_save, own_layer_path, trainable_biases
+from peftkit.core.layer import WrapsInPlace
 from peftkit.core.method import Method, Training
 from peftkit.core.targeting import (
     TargetingConfig,
@@ -36,7 +36,6 @@ from peftkit.core.targeting import (
     find_targets,
     is_conv1d_gpt2,
     is_linear_like,
-    iter_free_modules,
     resolve_targets,
 )
 
@@ -236,22 +235,8 @@ def inject(model: nn.Module, config: VeraConfig, adapter_name: str) -> None:
 
 
 def extra_trainable(model: nn.Module, config: VeraConfig) -> dict[str, nn.Parameter]:
-    """``bias="all"``: every bias of the base model; ``"vera_only"``: those of the layers VeRA wraps (peft's keys
-    ``<module>.base_layer.bias`` for a wrapped module)."""
-    if config.bias == "none":
-        return {}
-    out = {}
-    for name, module in iter_free_modules(model):
-        if isinstance(module, ModulesToSave) or (config.bias == "vera_only" and not isinstance(module, VeraLinear)):
-            continue
-        if not isinstance(module, AdapterLayer) and any(True for _ in module.children()):
-            continue
-        path = name
-        while isinstance(module, AdapterLayer):
-            module, path = module.base_layer, f"{path}.base_layer"
-        if isinstance(getattr(module, "bias", None), nn.Parameter):
-            out[f"{path}.bias"] = module.bias
-    return out
+    """``bias="all"``: every bias of the base model; ``"vera_only"``: those of the layers VeRA wraps (peft's keys)."""
+    return {} if config.bias == "none" else trainable_biases(model, config.bias == "all", VeraLinear)
 
 
 METHOD = Method(

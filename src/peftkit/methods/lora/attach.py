@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit.core.inject import inject_layers
-from peftkit.core.layer import AdapterLayer, ModulesToSave
-from peftkit.core.targeting import base_of, find_targets, is_conv1d_gpt2, iter_free_modules
+from peftkit.core.inject import inject_layers, trainable_biases
+from peftkit.core.layer import AdapterLayer
+from peftkit.core.targeting import find_targets, is_conv1d_gpt2
 from peftkit.errors import ConfigError
 from peftkit.methods.lora import inits
 from peftkit.methods.lora.config import LoraConfig
@@ -78,27 +78,4 @@ def _check_weight_inits(model: nn.Module, config: LoraConfig, targets: list[str]
 
 def extra_trainable(model: nn.Module, config: LoraConfig) -> dict[str, nn.Parameter]:
     """``bias="all"``: every bias of the base model; ``"lora_only"``: biases of the layers LoRA wraps."""
-    if config.bias == "none":
-        return {}
-    out = {}
-    for name, module in iter_free_modules(model):
-        if isinstance(module, ModulesToSave):  # its trainable copy already holds (and saves) its bias
-            continue
-        if isinstance(module, AdapterLayer):
-            if config.bias == "lora_only" and not isinstance(module, LoraLayer):
-                continue
-            prefix, base = _base_path(name, module)
-        elif config.bias == "all" and not any(True for _ in module.children()):
-            prefix, base = name, module
-        else:
-            continue
-        if getattr(base, "bias", None) is not None and isinstance(base.bias, nn.Parameter):
-            out[f"{prefix}.bias"] = base.bias
-    return out
-
-
-def _base_path(name: str, module: nn.Module) -> tuple[str, nn.Module]:
-    path = name
-    while isinstance(module, AdapterLayer):
-        path, module = f"{path}.base_layer", module.base_layer
-    return path, base_of(module)
+    return {} if config.bias == "none" else trainable_biases(model, config.bias == "all", LoraLayer)
