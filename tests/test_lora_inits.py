@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.errors import ConfigError
+from peftkit.errors import CheckpointError, ConfigError
+
+WEIGHTS = "adapter_model.safetensors"
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -101,3 +106,49 @@ def test_refused_before_any_weight_changes(config, match):
 def test_bad_niter_refused():
     with pytest.raises(ConfigError, match="pissa_niter_4"):
         LoraConfig(init_lora_weights="pissa_niter_x")
+
+
+def _trained(pm, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in pm.adapter_state_dict("default").values():
+            tensor.add_(torch.randn(tensor.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_converted_adapter_on_the_untouched_base_equals_the_trained_model(init, rslora, tmp_path):
+    """save_pretrained(path_initial_model_for_weight_conversion=): [A ; A0], [B | -B0], r and alpha doubled: a plain
+    LoRA for the original base weights; peft 0.21 reads it to the same outputs and wrote the same tensors."""
+    x = torch.randn(4, 12)
+    targets = ["lin"] if init == "olora" else ["lin", "gpt"]  # peft's OLoRA does not transpose GPT-2's Conv1D
+    config = dict(r=3, lora_alpha=6, target_modules=targets, init_lora_weights=init, use_rslora=rslora)
+    pm = get_peft_model(Net(), LoraConfig(**config))
+    pm.save_pretrained(tmp_path / "init")
+    theirs = peft.get_peft_model(Net(), peft.LoraConfig(**config))
+    theirs.load_state_dict(pm.state_dict(), strict=False)  # same residual base weights and factors
+    theirs.save_pretrained(tmp_path / "peft-init")
+    _trained(pm)
+    theirs.load_state_dict(pm.state_dict(), strict=False)
+    expected = pm(x)
+    torch.testing.assert_close(theirs(x), expected, **TOL)  # the same weights in both libraries
+    pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    saved = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["init_lora_weights"]) == (6, True)
+    assert saved["lora_alpha"] == pytest.approx(6 * (2**0.5 if rslora else 2))
+    plain = PeftModel.from_pretrained(Net(), tmp_path / "lora")  # the untouched base: no PiSSA residual
+    torch.testing.assert_close(plain(x), expected, **TOL)
+    in_peft = peft.PeftModel.from_pretrained(Net(), tmp_path / "lora")
+    torch.testing.assert_close(in_peft(x), expected, **TOL)
+    theirs.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "peft-init"))
+    ours, peft_file = load_file(str(tmp_path / "lora" / WEIGHTS)), load_file(str(tmp_path / "peft" / WEIGHTS))
+    assert ours.keys() == peft_file.keys()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, peft_file[key], **TOL)
+
+
+def test_conversion_needs_the_initial_adapter_of_a_lora(tmp_path):
+    pm = get_peft_model(Net(), LoraConfig(r=3, target_modules=["lin"], init_lora_weights="pissa"))
+    with pytest.raises(CheckpointError):
+        pm.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "absent"))
+    assert not (tmp_path / "out" / WEIGHTS).exists()

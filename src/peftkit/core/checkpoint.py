@@ -20,7 +20,7 @@ from peftkit.core.config import CONFIG_NAME, PeftConfig
 from peftkit.core.files import atomic_remove, atomic_write_bytes, atomic_writes, remove_stale_temporaries
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.merge import adapter_layers
-from peftkit.core.registry import config_from_dict
+from peftkit.core.registry import config_from_dict, method_of
 from peftkit.errors import AdapterNameError, CheckpointError, ConfigError, TargetNotFoundError
 
 PROBE = "peftkit_size_probe"  # the adapter name check_sizes builds on the meta device
@@ -68,11 +68,7 @@ def save_pretrained(
             "safe_serialization=False asks for adapter_model.bin, a pickle; peftkit never writes pickle (loading one "
             "can run arbitrary code). Leave safe_serialization=True: peft and transformers read the safetensors file."
         )
-    if path_initial_model_for_weight_conversion is not None:
-        raise ConfigError(
-            "path_initial_model_for_weight_conversion (peft's PiSSA / OLoRA -> LoRA conversion) is not implemented "
-            "by peftkit; save without it."
-        )
+    initial = _initial_adapter(host, path_initial_model_for_weight_conversion)
     if save_embedding_layers not in (True, False, "auto"):
         raise ConfigError(f"save_embedding_layers={save_embedding_layers!r}; use True, False or 'auto'.")
     names = _selected(host, selected_adapters)
@@ -81,7 +77,17 @@ def save_pretrained(
     root = io.check_save_directory(save_directory)
     for folder in {root, *(io.adapter_dir(root, n) for n in names)}:
         remove_stale_temporaries(folder)
-    _write(host, root, names, save_embedding_layers)
+    _write(host, root, names, save_embedding_layers, initial)
+
+
+def _initial_adapter(host: PeftModel, path: str | os.PathLike | None) -> tuple[PeftConfig, dict] | None:
+    """The adapter saved right after initialisation (PiSSA / OLoRA), for its method's ``weight_conversion``."""
+    if path is None:
+        return None
+    config, tensors = read_checkpoint(path, is_trainable=False)
+    if method_of(config).weight_conversion is None:
+        raise ConfigError(f"path_initial_model_for_weight_conversion: a {config.peft_type} adapter has no conversion.")
+    return config, tensors
 
 
 def _selected(host: PeftModel, selected_adapters: list[str] | str | None) -> list[str]:
@@ -94,14 +100,16 @@ def _selected(host: PeftModel, selected_adapters: list[str] | str | None) -> lis
 
 
 @atomic_writes()
-def _write(host: PeftModel, root: Path, names: list[str], save_embedding_layers: bool | str) -> None:
+def _write(host: PeftModel, root: Path, names: list[str], save_embedding_layers: bool | str, initial=None) -> None:
     """Every file of the save as one group (core/files.py): all are written to temporaries, then all renamed."""
     for name in names:
         folder = io.adapter_dir(root, name)
         tensors = host.adapter_state_dict(name, for_file=True)
         tensors.update(embedding_copies(host, name, save_embedding_layers))
-        io.save_tensors(io.to_file_keys(tensors), folder)
         config = host.peft_config[name].replace(inference_mode=True)
+        if initial is not None:  # PiSSA / OLoRA -> an adapter for the original base weights
+            tensors, config = method_of(config).weight_conversion(config, tensors, initial[1])
+        io.save_tensors(io.to_file_keys(tensors), folder)
         config.save_pretrained(folder)
         if not (folder / io.CARD_NAME).exists():
             atomic_write_bytes(folder / io.CARD_NAME, io.model_card(name, config).encode())

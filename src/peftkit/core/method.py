@@ -99,6 +99,10 @@ class Method:
                    the core copies tensors of identical shapes.
     prepare_hotswap: optional ``f(host, adapter_name, target_rank)``: make later hot-swaps shape- and value-stable
                    under torch.compile (pad ranks, turn Python scalars into tensors).
+    weight_conversion: optional ``f(config, trained_tensors, initial_tensors) -> (tensors, config)`` for methods whose
+                   initialisation changes the base weights (LoRA's PiSSA / OLoRA): an equivalent adapter for the
+                   original base weights, from the trained one and the one saved right after initialisation
+                   (``save_pretrained(path_initial_model_for_weight_conversion=...)``, peft's name).
     training:      the training-loop settings (:class:`Training`).
     functions:     extra operations ``{name: f(host, *args, **kwargs)}`` that PeftModel exposes as
                    ``peft_model.<name>(...)`` while an adapter of this method is loaded (diff pruning's ``finalize``).
@@ -114,6 +118,7 @@ class Method:
     combine: Callable[..., None] | None = None
     hotswap: Callable[..., tuple[set[str], Callable[[], None], PeftConfig]] | None = None
     prepare_hotswap: Callable[[AdapterHost, str, int | None], None] | None = None
+    weight_conversion: Callable[..., tuple[dict[str, torch.Tensor], PeftConfig]] | None = None
     training: Training = Training()
     functions: Mapping[str, Callable[..., Any]] = field(default_factory=dict, hash=False, compare=False)
 

@@ -24,6 +24,7 @@ from peftkit.methods.lora import arithmetic, hotswap
 from peftkit.methods.lora.attach import SUPPORTED, dispatch, extra_trainable, inject
 from peftkit.methods.lora.config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
+from peftkit.methods.lora.conversion import to_plain_lora
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, factors_of
 from peftkit.methods.lora.mha import LoraMultiheadAttention
 
@@ -55,5 +56,6 @@ METHOD = Method(
     combine=arithmetic.combine,
     hotswap=hotswap.hotswap,
     prepare_hotswap=hotswap.prepare_hotswap,
+    weight_conversion=to_plain_lora,
     training=Training(learning_rate=2e-3),
 )
