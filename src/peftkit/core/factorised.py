@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.core.layer import AdapterLayer
+from peftkit.core.layer import AdditiveLayer
 from peftkit.core.targeting import TargetingConfig
 
 _QV = ["q_proj", "v_proj"]
@@ -133,7 +133,7 @@ def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> A
 
 
 # ---- the layer -------------------------------------------------------------------------------------------------
-class FactorisedLayer(AdapterLayer):
+class FactorisedLayer(AdditiveLayer):
     """A Linear / Conv1d / Conv2d with, per adapter, an update s · ΔW built from factors (see the module docstring).
 
     Subclasses list their factor containers in ``adapter_param_names``, create them in ``update_layer`` (after
@@ -191,33 +191,9 @@ class FactorisedLayer(AdapterLayer):
         delta = self.delta_weight(name, sample=self.training)
         return self.base_op(x.to(delta.dtype), delta)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
-        if self.routing is not None and not self.disabled:
-            groups = self.routed_groups(x.shape[0])
-            if groups:
-                result = result.clone()
-            for name, rows in groups:
-                result[rows] = result[rows] + self.branch(name, x[rows]).to(result.dtype)
-            return result
-        for name in self.live_adapters():
-            if name in self.r and not (self.training and torch.rand(1).item() < self.module_dropout[name]):
-                result = result + self.branch(name, x).to(result.dtype)
-        return result
-
-    # ---- merging: W + s · ΔW, and its inverse W - s · ΔW ---------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
-        for name in adapter_names:
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            weight.sub_(self.delta_weight(self.merged_adapters.pop()).to(weight.dtype))
+    def skips(self, name: str) -> bool:
+        """Module dropout: while training, the whole adapter sits a call out with probability ``module_dropout``."""
+        return name not in self.r or (self.training and torch.rand(1).item() < self.module_dropout[name])
 
 
 def supported(module: nn.Module) -> bool:

@@ -233,6 +233,51 @@ class AdapterLayer(nn.Module):
         return groups
 
 
+class AdditiveLayer(AdapterLayer):
+    """Adapters that add a branch to the wrapped module's output, h = base(x) + sum_a branch_a(x), and fold into its
+    weight as W + ΔW_a (merge) and the exact inverse W - ΔW_a (unmerge). Subclasses give ``branch`` and
+    ``delta_weight`` (and ``skips`` for adapters to leave out of a call, e.g. module dropout while training)."""
+
+    def branch(self, name: str, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """Adapter ``name``'s term for input ``x``, in the output's shape."""
+        raise NotImplementedError(f"{type(self).__name__} must implement branch")
+
+    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - interface
+        """Adapter ``name``'s ΔW in the base weight's shape."""
+        raise NotImplementedError(f"{type(self).__name__} must implement delta_weight")
+
+    def skips(self, name: str) -> bool:
+        """Whether adapter ``name`` sits this (unrouted) call out."""
+        return False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (B, ..., out)
+        if self.routing is not None and not self.disabled:
+            groups = self.routed_groups(x.shape[0])
+            if groups:
+                result = result.clone()
+            for name, rows in groups:
+                result[rows] = result[rows] + self.branch(name, x[rows]).to(result.dtype)
+            return result
+        for name in self.live_adapters():
+            if not self.skips(name):
+                result = result + self.branch(name, x).to(result.dtype)
+        return result
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str]) -> None:
+        weight = self.get_base_layer().weight
+        for name in adapter_names:
+            weight.add_(self.delta_weight(name).to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            weight.sub_(self.delta_weight(self.merged_adapters.pop()).to(weight.dtype))
+
+
 class WrapsInPlace(AdapterLayer):
     """An adapter layer that stands in for the module it wraps: attributes it does not have itself (``weight``,
     ``bias``, sizes such as ``in_features``) are read from the wrapped module, since model code reads them (T5 reads

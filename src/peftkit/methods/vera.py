@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from peftkit.core.inject import Injection, add_modules_to_save, own_layer_path, trainable_biases
-from peftkit.core.layer import WrapsInPlace
+from peftkit.core.layer import AdditiveLayer, WrapsInPlace
 from peftkit.core.method import Method, Training
 from peftkit.core.targeting import (
     TargetingConfig,
@@ -119,7 +119,7 @@ class VeraProjection(nn.Module):
 
 
 # ---- layer ----------------------------------------------------------------------------------------------------
-class VeraLinear(WrapsInPlace):
+class VeraLinear(AdditiveLayer, WrapsInPlace):
     """VeRA on nn.Linear and GPT-2's Conv1D: per adapter the vectors b (out,) and d (r,) around the shared A, B."""
 
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
@@ -178,33 +178,8 @@ class VeraLinear(WrapsInPlace):
         delta = (self.vera_lambda_b[name][:, None] * b) @ (self.vera_lambda_d[name][:, None] * a)
         return delta.T if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)  # (B, T, out)
-        if self.routing is not None and not self.disabled:
-            groups = self.routed_groups(x.shape[0])
-            if groups:
-                result = result.clone()
-            for name, rows in groups:
-                result[rows] = result[rows] + self.branch(name, x[rows]).to(result.dtype)
-            return result
-        for name in self.live_adapters():
-            if name in self.vera_lambda_b:
-                result = result + self.branch(name, x).to(result.dtype)
-        return result
-
-    # ---- merging: W + ΔW, and its inverse W - ΔW --------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, adapter_names: list[str]) -> None:
-        weight = self.get_base_layer().weight
-        for name in adapter_names:
-            weight.add_(self.delta_weight(name).to(weight.dtype))
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            weight.sub_(self.delta_weight(self.merged_adapters.pop()).to(weight.dtype))
+    def skips(self, name: str) -> bool:
+        return name not in self.vera_lambda_b
 
 
 # ---- attaching ----------------------------------------------------------------------------------------------
