@@ -19,13 +19,19 @@ ADAPTER_NAMES = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONL
 
 
 class BoundForward:
-    """``peft_model.forward``: calls the bound method; ``inspect.signature`` reads ``__signature__``."""
+    """``peft_model.forward``: calls the bound method; ``inspect.signature`` reads ``__signature__``, computed only
+    when asked (a forward call never pays for it)."""
 
-    def __init__(self, method: types.MethodType, signature: inspect.Signature) -> None:
+    def __init__(self, method: types.MethodType) -> None:
         self.__func__, self.__self__ = method.__func__, method.__self__
-        self.__signature__ = signature
         self.__name__, self.__doc__ = method.__name__, method.__doc__
         self._method = method
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        instance = self.__self__
+        wrapped = instance.__dict__.get("base_model") or instance._modules.get("base_model")
+        return model_signature(getattr(wrapped, "model", None)) or inspect.signature(self._method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._method(*args, **kwargs)
@@ -45,10 +51,7 @@ class SignatureFromModel:
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if instance is None:
             return self.function
-        method = types.MethodType(self.function, instance)
-        wrapped = instance.__dict__.get("base_model") or instance._modules.get("base_model")
-        signature = model_signature(getattr(wrapped, "model", None))
-        return method if signature is None else BoundForward(method, signature)
+        return BoundForward(types.MethodType(self.function, instance))
 
 
 def model_signature(model: Any) -> inspect.Signature | None:
