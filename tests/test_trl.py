@@ -21,6 +21,18 @@ TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }} [SEP] "
     "{% endgeneration %}{% else %}{{ m['role'] }} : {{ m['content'] }} [SEP] {% endif %}{% endfor %}"
 )
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """TRL's configs default to bf16: without a reset, accelerate's process-wide AcceleratorState would keep bf16
+    autocast for every later Accelerator in this process (tests/test_accelerate.py, test_fsdp.py run after these)."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 COMMON = dict(report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True, learning_rate=5e-2)
 
 
