@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from peftkit.core import hub, io
+from peftkit.core import hub, io, lifecycle
 from peftkit.core.compose import COMPOSITION_FILE, Composition, composition_from_dict
 from peftkit.core.config import CONFIG_NAME, PeftConfig
 from peftkit.core.files import atomic_remove, atomic_write_bytes, atomic_writes, remove_stale_temporaries
@@ -362,7 +362,7 @@ def from_pretrained(
     model_id, adapter_name = composition_entry(model_id, adapter_name)
     file_config, tensors = read_checkpoint(model_id, is_trainable)
     config = config or file_config
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    flags = lifecycle.grad_flags(model)
     try:
         check_sizes_new(cls, model, config, model_id)
         try:
@@ -376,8 +376,7 @@ def from_pretrained(
             peft_model.unload()
             raise
     except Exception:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags.get(name, p.requires_grad))
+        lifecycle.restore_grad_flags(model, flags)
         raise
     return peft_model
 
