@@ -77,6 +77,35 @@ def tiny_unet():
     ).eval()  # fmt: skip
 
 
+class ConvNet(torch.nn.Module):
+    """A small convolutional model: a 3x3 conv, a strided grouped 3x3 conv, a 1x1 conv, a Conv1d and a Linear;
+    ``widths`` = (input channels, hidden channels, channels after the 1x1 conv)."""
+
+    def __init__(self, widths: tuple[int, int, int] = (3, 8, 6)) -> None:
+        super().__init__()
+        c_in, hidden, narrow = widths
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(c_in, hidden, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(hidden, hidden, 3, stride=2, groups=2, padding=1)
+        self.pointwise = torch.nn.Conv2d(hidden, narrow, 1)
+        self.temporal = torch.nn.Conv1d(narrow, narrow, 3, padding=1)
+        self.head = torch.nn.Linear(narrow, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.nn.functional.relu
+        h = relu(self.conv1(x))  # (B, hidden, H, W)
+        h = self.pointwise(relu(self.conv2(h))).flatten(2)  # (B, narrow, H/2 · W/2)
+        return self.head(relu(self.temporal(h)).mean(dim=2))  # (B, 4)
+
+
+CONV_TARGETS = ["conv1", "conv2", "pointwise", "temporal", "head"]
+
+
+def images(channels: int = 3) -> torch.Tensor:
+    """Two 8x8 images for ConvNet."""
+    return torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(3))
+
+
 BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5}
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from models import batch, build, output
+from models import CONV_TARGETS, ConvNet, batch, build, images, output
 from peftkit import LoHaConfig, PeftModel, get_peft_model
 from peftkit.errors import ConfigError, TargetNotFoundError
 
@@ -28,31 +28,6 @@ def perturb_factors(model: nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "hada_" in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
-class ConvNet(nn.Module):
-    """A small convolutional model: a 3x3 conv, a strided grouped 3x3 conv, a 1x1 conv, a Conv1d and a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, groups=2, padding=1)
-        self.pointwise = nn.Conv2d(8, 6, 1)
-        self.temporal = nn.Conv1d(6, 6, 3, padding=1)
-        self.head = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv1(x))  # (B, 8, H, W)
-        h = self.pointwise(F.relu(self.conv2(h))).flatten(2)  # (B, 6, H/2 · W/2)
-        return self.head(F.relu(self.temporal(h)).mean(dim=2))  # (B, 4)
-
-
-CONV_TARGETS = ["conv1", "conv2", "pointwise", "temporal", "head"]
-
-
-def images() -> torch.Tensor:
-    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
 
 
 def test_linear_delta_by_hand_and_merge():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from models import batch, build, output
+from models import CONV_TARGETS, ConvNet, batch, build, images, output
 from peftkit import LoKrConfig, PeftModel, get_peft_model
 from peftkit.core.factorised import factorization
 from peftkit.errors import ConfigError
@@ -43,29 +43,11 @@ def kron_by_hand(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ConvNet(nn.Module):
-    """A 3x3 conv, a strided grouped 3x3 conv, a 1x1 conv, a Conv1d and a Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(4, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, 3, stride=2, groups=2, padding=1)
-        self.pointwise = nn.Conv2d(16, 12, 1)
-        self.temporal = nn.Conv1d(12, 12, 3, padding=1)
-        self.head = nn.Linear(12, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu(self.conv1(x))  # (B, 16, H, W)
-        h = self.pointwise(F.relu(self.conv2(h))).flatten(2)  # (B, 12, H/2 · W/2)
-        return self.head(F.relu(self.temporal(h)).mean(dim=2))  # (B, 4)
+WIDTHS = (4, 16, 12)  # LoKr splits channel counts into factors: wider layers than LoHa's tests
 
 
-CONV_TARGETS = ["conv1", "conv2", "pointwise", "temporal", "head"]
-
-
-def images() -> torch.Tensor:
-    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+def conv_net() -> ConvNet:
+    return ConvNet(WIDTHS)
 
 
 @pytest.mark.parametrize("dimension", [1, 7, 12, 16, 32, 127, 128, 256, 768, 3072])
@@ -178,8 +160,8 @@ def test_peft_saves_peftkit_loads(kind, init, tmp_path):
 def test_conv_model_both_ways_with_peft(effective, tmp_path):
     """Conv2d (3x3, grouped and strided, 1x1), Conv1d and Linear; r=1 keeps W2 factored in every one. In the Tucker
     form the Conv1d is left out: peft 0.21 cannot run it (torch.kron fails on its (c, d, k, 1) W2's strides)."""
-    reference = ConvNet()
-    x = images()
+    reference = conv_net()
+    x = images(WIDTHS[0])
     targets = [t for t in CONV_TARGETS if not (effective and t == "temporal")]
     config = dict(r=1, alpha=2, target_modules=targets, use_effective_conv2d=effective)
     ours = get_peft_model(copy.deepcopy(reference), LoKrConfig(**config)).eval()
