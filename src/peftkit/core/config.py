@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from peftkit.core.fieldtypes import type_problems
-from peftkit.core.files import atomic_write_bytes, atomic_writes  # noqa: F401  (re-exported: moved to files.py)
+from peftkit.core.files import atomic_write_bytes
 from peftkit.core.registry import config_from_dict, method_names
 from peftkit.errors import CheckpointError, ConfigError, ConfigTypeError, choices
 

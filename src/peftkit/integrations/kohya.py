@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from peftkit.core.config import atomic_write_bytes
+from peftkit.core.files import atomic_write_bytes
 from peftkit.errors import CheckpointError, choices
 from peftkit.integrations import lycoris
 from peftkit.integrations.factors import ModuleLora
