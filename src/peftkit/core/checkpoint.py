@@ -420,6 +420,6 @@ def read_checkpoint(model_id: str | os.PathLike, is_trainable: bool) -> tuple[Pe
             f"{str(model_id)!r} is not a folder. peftkit loads adapters from local folders written by "
             "save_pretrained (adapter_config.json + adapter_model.safetensors)."
         )
-    config = config_from_dict(io.read_config_dict(folder))
+    config = config_from_dict(PeftConfig.read_dict(folder))
     config.inference_mode = not is_trainable
     return config, io.from_file_keys(io.load_tensors(folder))

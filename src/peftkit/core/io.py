@@ -127,12 +127,6 @@ def from_file_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_config_dict(directory: str | os.PathLike) -> dict:
-    """The JSON object in ``directory``/adapter_config.json (:meth:`PeftConfig.read_dict`: every reader of a config
-    file gets the same checks)."""
-    return PeftConfig.read_dict(directory)
-
-
 def file_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """Model-relative tensor names -> shapes, read from the safetensors header only (no tensor is loaded)."""
     path = Path(directory) / WEIGHTS_NAME
