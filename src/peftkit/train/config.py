@@ -8,13 +8,17 @@ are checked by the method's own config class.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from peftkit.errors import ConfigError, choices
 
 TASKS = ("auto", "classification", "causal_lm")
+DTYPES = ("fp32", "bf16", "fp16")  # peftkit.train.models.TORCH_DTYPES
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "trackio", "csv")  # peftkit.train.trackers
 POOLINGS = ("default", "mean")  # "mean": peftkit.train.models.use_mean_pooling
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -27,7 +31,10 @@ class TrainConfig:
     model: str = field(default="minilm", metadata={"help": "A local model folder, or a built-in: 'minilm', 'smollm2'."})
     data: str = field(
         default="tweets",
-        metadata={"help": "A csv/tsv/json/jsonl file, a folder with train/dev files, or the built-in 'tweets'."},
+        metadata={
+            "help": "A csv/tsv/json/jsonl/parquet/arrow file, a folder with train/dev files, a saved DatasetDict, "
+            "a (cached) Hub data set name, or the built-in 'tweets'."
+        },
     )
     task: str = field(default="auto", metadata={"help": f"One of {', '.join(TASKS)} (auto: from the data columns)."})
     method: str = field(
@@ -55,6 +62,20 @@ class TrainConfig:
     max_train_rows: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_rows: int | None = field(default=None, metadata={"help": "Use at most this many dev rows."})
     max_length: int = field(default=128, metadata={"help": "Truncate inputs to this many tokens."})
+    data_config: str | None = field(default=None, metadata={"help": "The data set's configuration (Hub / datasets)."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on (datasets / saved DatasetDict)."})
+    eval_split: str | None = field(
+        default=None, metadata={"help": "Dev split (default: validation / dev / test if present, else split off)."}
+    )
+    columns: str | None = field(
+        default=None, metadata={"help": "Names for a headerless csv/tsv, comma-separated (CoLA: 'src,label,mark,text')"}
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "causal_lm: pack examples into rows of --max-length (no cross-attention)."}
+    )
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch rows of similar length together (less padding; unpacked runs)."}
+    )
     # ---- optimisation -------------------------------------------------------------------------------------
     batch_size: int = field(default=16, metadata={"help": "Rows per step per process (before accumulation)."})
     eval_batch_size: int = field(default=64, metadata={"help": "Rows per evaluation batch."})
@@ -79,6 +100,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, dropout and data order."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast where the device supports it."})
+    dtype: str = field(
+        default="fp32",
+        metadata={
+            "help": f"The base model's weights: {', '.join(DTYPES)} (adapter weights stay fp32; bf16/fp16 halve the "
+            "base's memory)."
+        },
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: CPU cores / processes)."})
     fsdp: bool = field(
         default=False, metadata={"help": "Shard the model over the processes with FSDP2 (one unit per block)."}
@@ -94,7 +122,21 @@ class TrainConfig:
     )
     save_steps: int | None = field(default=None, metadata={"help": "Write a resumable checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many resumable checkpoints."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    progress: bool = field(
+        default=True, metadata={"help": "Progress bars (off, or stdout not a terminal: one log line per log step)."}
+    )
+    log_steps: int = field(default=10, metadata={"help": "Log loss, lr, grad norm and tokens/s every N steps."})
+    report_to: str = field(
+        default="none", metadata={"help": f"Where the logs also go: {', '.join(TRACKERS)} (csv: log.csv)."}
+    )
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "Time budget: stop training after this many minutes, then evaluate and save."}
+    )
+    eval_generate: int = field(
+        default=0,
+        metadata={"help": "Causal LM: generate for this many dev prompts at each evaluation and score exact match."},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt by --eval-generate."})
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -103,14 +145,12 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        if self.task not in TASKS:
-            out.append(f"--task {self.task!r} is not a task; use one of {choices(TASKS)}.")
-        if self.pooling not in POOLINGS:
-            out.append(f"--pooling {self.pooling!r} is not a pooling; use one of {choices(POOLINGS)}.")
-        if self.schedule not in SCHEDULES:
-            out.append(f"--schedule {self.schedule!r} is not a schedule; use one of {choices(SCHEDULES)}.")
-        positive = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "save_total_limit")
-        for name in positive:
+        named = {"task": TASKS, "pooling": POOLINGS, "schedule": SCHEDULES, "dtype": DTYPES, "report_to": TRACKERS}
+        for name, valid in named.items():
+            if getattr(self, name) not in valid:
+                out.append(f"--{flag(name)} {getattr(self, name)!r} is not one of {choices(valid)}.")
+        positive = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "save_total_limit", "log_steps")
+        for name in (*positive, "max_new_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 out.append(f"--{flag(name)} {getattr(self, name)!r} must be a positive integer.")
         optional = ("max_steps", "eval_steps", "save_steps", "max_train_rows", "max_eval_rows", "threads")
@@ -118,6 +158,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 out.append(f"--{flag(name)} {value!r} must be a positive integer or left unset.")
+        if not isinstance(self.eval_generate, int) or self.eval_generate < 0:
+            out.append(f"--eval-generate {self.eval_generate!r} must be 0 (off) or a positive number of prompts.")
         if not isinstance(self.method_args, dict):
             out.append(f"method_args={self.method_args!r} must be a mapping such as {{r: 8}}.")
         return out + self._range_problems()
@@ -131,6 +173,8 @@ class TrainConfig:
                 f"--loraplus-lr-ratio {self.loraplus_lr_ratio!r} with --method {self.method!r}: LoRA+ needs --method "
                 "lora and a ratio > 0 (typical: 16); drop the flag for other methods."
             )
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            out.append(f"--max-minutes {self.max_minutes!r} must be > 0 (or left unset: no time budget).")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"--warmup-ratio {self.warmup_ratio!r} must be in [0, 1).")
         if self.model_dropout is not None and not 0 <= self.model_dropout < 1:
@@ -152,7 +196,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"Unknown keys {choices(unknown)} in {source}. Valid keys: {choices(known)}.")
-        return cls(**data)
+        hints = get_type_hints(cls)
+        return cls(**{k: typed(k, v, hints[k], source) for k, v in data.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -180,6 +225,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {str(path)!r} must hold a mapping of settings, not {type(data).__name__}.")
     return data
+
+
+def typed(name: str, value: Any, hint: Any, source: str = "the config") -> Any:
+    """``value`` as the field's type when it is text for a number or a bool: PyYAML reads ``2e-4`` (no dot) as the
+    string '2e-4', and a quoted ``"16"`` is text too. Other values pass unchanged (``__post_init__`` checks them)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not isinstance(value, str) or str in options:
+        return value
+    text = value.strip().lower()
+    if type(None) in options and text in ("none", "null", "~"):
+        return None
+    if bool in options and text in ("true", "false", "yes", "no", "on", "off"):
+        return text in ("true", "yes", "on")
+    for kind in (int, float):
+        if kind in options:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    kinds = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ConfigError(f"{name}: {value!r} in {source} is not a {kinds}; write a number such as 2e-4 or 16.")
 
 
 def flag(name: str) -> str:
