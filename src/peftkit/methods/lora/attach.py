@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.core import quantized
 from peftkit.core.inject import inject_layers, trainable_biases
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.targeting import find_targets, is_conv1d_gpt2
@@ -16,8 +17,10 @@ from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
 from peftkit.methods.lora.mha import LoraMultiheadAttention
+from peftkit.methods.lora.quantized import QuantizedLoraLinear
 
 _DISPATCH: list[tuple[Any, type[LoraLayer]]] = [  # first match wins
+    (quantized.is_quantized, QuantizedLoraLinear),  # bitsandbytes 4/8-bit, torchao int8 (nn.Linear subclasses)
     (nn.Linear, LoraLinear),
     (is_conv1d_gpt2, LoraLinear),
     (nn.Embedding, LoraEmbedding),
@@ -26,7 +29,10 @@ _DISPATCH: list[tuple[Any, type[LoraLayer]]] = [  # first match wins
     (nn.Conv3d, LoraConv3d),
     (nn.MultiheadAttention, LoraMultiheadAttention),
 ]
-SUPPORTED = "Linear, Embedding, Conv1d, Conv2d, Conv3d (grouped too), GPT-2 Conv1D, MultiheadAttention"
+SUPPORTED = (
+    "Linear (bitsandbytes 4/8-bit and torchao int8 too), Embedding, Conv1d, Conv2d, Conv3d (grouped too), GPT-2 "
+    "Conv1D, MultiheadAttention"
+)
 
 
 def dispatch(module: nn.Module) -> type[LoraLayer] | None:

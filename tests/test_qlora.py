@@ -1,0 +1,237 @@
+"""QLoRA: LoRA / DoRA / (IA)3 over bitsandbytes 4-bit and 8-bit and torchao int8 base layers, on CPU.
+
+The quantized models are loaded the way users load them, with transformers' BitsAndBytesConfig / TorchAoConfig from
+a tiny Llama / BERT saved once per session. bitsandbytes' Linear4bit repacks its weight into a CPU inference layout
+with bfloat16 scales on its first eval no-grad forward on AVX512-BF16 CPUs (a lossy, bf16-compute path); the
+exactness tests switch that off (``support_avx512bf16_for_cpu = False``) so that the fp32 kernel is the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+from models import batch, tiny_bert, tiny_llama
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.core import quantized as Q
+from peftkit.methods.lora.quantized import QuantizedLoraLinear
+
+
+def _bnb_runs() -> str | None:
+    """None when bitsandbytes quantizes and runs a 4-bit Linear here, else the reason it cannot."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'peftkit[quant]')"
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+        layer(torch.randn(2, 64))
+    except Exception as exc:  # no AVX2, no CPU backend in this build...
+        return f"bitsandbytes cannot run a 4-bit Linear on this CPU: {exc!r}"
+    return None
+
+
+BNB_REASON = _bnb_runs()
+pytestmark = [
+    pytest.mark.skipif(BNB_REASON is not None, reason=BNB_REASON or ""),
+    pytest.mark.filterwarnings("ignore::peftkit.core.quantized.RoundingWarning"),
+]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama and a tiny BERT saved as ordinary transformers folders (the unquantized reference models)."""
+    root = tmp_path_factory.mktemp("qlora_bases")
+    tiny_llama().save_pretrained(root / "llama")
+    tiny_bert().save_pretrained(root / "bert")
+    return {"llama": str(root / "llama"), "bert": str(root / "bert")}
+
+
+def exact_cpu_kernel(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load(saved: dict, kind: str = "llama", quant: str = "nf4", double: bool = False, dtype=torch.float32):
+    """The saved tiny model loaded through transformers' quantization configs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSequenceClassification
+    if quant is None:
+        return auto.from_pretrained(saved[kind]).eval()
+    if quant == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        config = TorchAoConfig(Int8WeightOnlyConfig())
+    elif quant == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=dtype
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = auto.from_pretrained(saved[kind], quantization_config=config, device_map="cpu")
+    return exact_cpu_kernel(model.eval())
+
+
+def stored(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantized layer's stored weight bytes and scales (copies)."""
+    out = {}
+    for name, module in model.named_modules():
+        if Q.is_quantized(module) and not isinstance(module, QuantizedLoraLinear):
+            weight = module.weight.data
+            for part in ("qdata", "scale"):  # torchao: the int8 data and the scales inside the tensor subclass
+                if hasattr(weight, part):
+                    out[f"{name}.weight.{part}"] = getattr(weight, part).clone()
+            if not hasattr(weight, "qdata"):
+                out[name + ".weight"] = weight.clone()
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None:
+                out[name + ".absmax"] = state.absmax.clone()
+    return out
+
+
+def perturb(pm, name: str = "default", scale: float = 0.2, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in pm.adapter_state_dict(name).values():
+            t.add_(torch.randn(t.shape, generator=g) * scale)
+
+
+def logits(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits.float()
+
+
+# ---- the forward: LoRA over the quantized kernel equals the hand formula -------------------------------------------
+@pytest.mark.parametrize(("quant", "double"), [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+def test_lora_over_linear4bit_is_dequant_plus_low_rank(saved, quant, double):
+    """h = dequant(W) x + b + s B A x on every wrapped Linear4bit (fp32 compute, 1e-5)."""
+    pm = get_peft_model(
+        load(saved, quant=quant, double=double), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    )
+    perturb(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantizedLoraLinear) and Q.kind(layer.base_layer) == quant
+    x = torch.randn(3, 5, 32)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    w = Q.dequantize(layer.base_layer)
+    expected = x @ w.T + 2.0 * (x @ a.T) @ b.T
+    if layer.base_layer.bias is not None:
+        expected = expected + layer.base_layer.bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["int8", "torchao-int8"])
+def test_lora_over_int8_is_base_plus_low_rank(saved, quant):
+    """int8 kernels quantize the input too, so the reference is the base layer's own output plus s B A x."""
+    pm = get_peft_model(load(saved, quant=quant), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    perturb(pm)
+    layer = pm.base_model.model.model.layers[1].self_attn.v_proj
+    assert isinstance(layer, QuantizedLoraLinear)
+    assert Q.kind(layer.base_layer) == {"int8": "int8", "torchao-int8": "torchao-Int8Tensor"}[quant]
+    x = torch.randn(2, 4, 32)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * (x @ a.T) @ b.T, atol=1e-5, rtol=1e-5)
+        dense = x @ Q.dequantize(layer.base_layer).T
+        assert (layer.base_layer(x) - dense).abs().max() < 0.05  # dequantize reads the kernel's weight
+
+
+def test_bf16_compute_runs_the_adapter_in_bf16(saved):
+    pm = get_peft_model(load(saved, dtype=torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj"]))
+    perturb(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 32)
+    seen = []
+    layer.lora_B["default"].register_forward_hook(lambda *a: seen.append(a))  # not called: F.linear on the weights
+    out = layer(x)
+    assert out.dtype == torch.float32 and not seen
+    a, b = layer.lora_A["default"].weight.bfloat16(), layer.lora_B["default"].weight.bfloat16()
+    low = (((x.bfloat16() @ a.T) @ b.T) * 2.0).float()  # s = alpha / r = 8 / 4
+    torch.testing.assert_close(out - layer.base_layer(x), low, atol=2e-2, rtol=2e-2)
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_torchao_int4_needs_its_gpu_kernels():
+    pytest.skip(
+        "torchao 0.18's Int4WeightOnlyConfig needs the 'mslk' kernels (CUDA); it cannot quantize on this CPU. "
+        "LoRA dispatches on any torchao-quantized nn.Linear, int4 included, where torchao runs it."
+    )
+
+
+# ---- training: only adapter tensors move, the quantized weights stay bit-identical ---------------------------------
+@pytest.mark.parametrize("quant", ["nf4", "int8", "torchao-int8"])
+def test_training_moves_only_the_adapter(saved, quant):
+    pm = get_peft_model(load(saved, quant=quant, double=True), LoraConfig(r=4, target_modules="all-linear"))
+    before_stored = stored(pm)
+    quantized = {n + ".weight" for n, m in pm.named_modules() if Q.is_quantized(m)}
+    before = {n: p.detach().clone() for n, p in pm.named_parameters() if n not in quantized}
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    inputs = batch("llama")
+    for _ in range(3):
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = {n for n, p in pm.named_parameters() if n in before and not torch.equal(p.detach(), before[n])}
+    assert moved and moved <= trainable
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved)
+    after_stored = stored(pm)
+    assert before_stored.keys() == after_stored.keys() and len(before_stored) >= 14
+    assert all(torch.equal(before_stored[k], after_stored[k]) for k in before_stored)
+    assert all(p.grad is None for n, p in pm.named_parameters() if n not in trainable)
+
+
+# ---- files: save / load, and peft both ways over the same quantized base ------------------------------------------
+def test_save_load_round_trip(saved, tmp_path):
+    pm = get_peft_model(load(saved), LoraConfig(r=4, target_modules="all-linear"))
+    perturb(pm)
+    inputs = batch("llama")
+    expected = logits(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(load(saved), tmp_path)
+    torch.testing.assert_close(logits(again, inputs), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_peft_loads_peftkit_adapter_over_the_same_bnb_base(saved, tmp_path, use_dora):
+    import peft
+
+    pm = get_peft_model(load(saved, double=True), LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
+    perturb(pm)
+    pm.save_pretrained(tmp_path)
+    inputs = batch("llama")
+    theirs = peft.PeftModel.from_pretrained(load(saved, double=True), tmp_path)
+    torch.testing.assert_close(logits(pm, inputs), logits(theirs, inputs), atol=1e-4, rtol=1e-4)
+    # the same file over the unquantized base: peftkit and peft agree there too
+    ours_fp = PeftModel.from_pretrained(load(saved, quant=None), tmp_path)
+    theirs_fp = peft.PeftModel.from_pretrained(load(saved, quant=None), tmp_path)
+    torch.testing.assert_close(logits(ours_fp, inputs), logits(theirs_fp, inputs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_peftkit_loads_peft_adapter_over_the_same_bnb_base(saved, tmp_path, kind):
+    import peft
+
+    targets = ["query", "value"] if kind == "bert" else LLAMA_TARGETS
+    theirs = peft.get_peft_model(
+        load(saved, kind), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    theirs.save_pretrained(tmp_path)
+    inputs = batch(kind)
+    ours = PeftModel.from_pretrained(load(saved, kind), tmp_path)
+    assert any(isinstance(m, QuantizedLoraLinear) for m in ours.modules())
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), atol=1e-4, rtol=1e-4)
