@@ -7,6 +7,7 @@ peftkit inspect    what a method would target in a model; what a checkpoint hold
 peftkit convert    validate and rewrite an adapter (peft <-> peftkit)
 peftkit predict    classify texts with a trained adapter
 peftkit generate   generate text with a trained adapter
+peftkit serve      an OpenAI-compatible server, one adapter per request
 
 The command line needs the ``train`` extra (typer, pyyaml, ...) and, for transformers models, the ``hf`` one; a plain
 ``pip install peftkit`` has neither. This module imports them only inside :func:`main`, so that the console script
@@ -29,6 +30,7 @@ EXTRA_MODULES = {
     "hf": ("transformers", "accelerate", "huggingface_hub", "tokenizers"),
     "diffusers": ("diffusers",),
     "models": ("gguf",),
+    "serve": ("fastapi", "uvicorn"),
 }
 CLI_EXTRAS = ("hf", "train")  # what every sub-command may need
 
@@ -43,6 +45,7 @@ def build_app() -> Any:
     from peftkit.cli.inspect_cmd import inspect
     from peftkit.cli.merge import merge
     from peftkit.cli.predict import generate, predict
+    from peftkit.cli.serve import serve
     from peftkit.cli.train import train
 
     app = typer.Typer(
@@ -52,7 +55,7 @@ def build_app() -> Any:
         add_completion=False,
         pretty_exceptions_enable=False,
     )
-    for command in (train, compare, merge, inspect, convert, predict, generate):
+    for command in (train, compare, merge, inspect, convert, predict, generate, serve):
         app.command(command.__name__)(command)
     return app
 
