@@ -16,7 +16,8 @@ ALLOWED = {
     "methods": {"core", "methods"},
     "integrations": {"core", "methods", "integrations"},
     "train": {"core", "methods", "integrations", "train"},
-    "cli": {"core", "methods", "integrations", "train", "cli"},
+    "serve": {"core", "methods", "integrations", "serve"},
+    "cli": {"core", "methods", "integrations", "train", "serve", "cli"},
 }
 # a method may build on another method's public layer only where documented (Compacter is a bottleneck adapter
 # whose projections are PHM layers: docs/architecture.md)
