@@ -65,12 +65,17 @@ class Training:
                     where it was (no second warmup) and trains to the end. A resumable checkpoint written after the
                     change restores the adapter from its own files (``load_adapter``), so the method's saved files
                     must describe the changed adapter fully.
+    after_step:     optional ``f(host, step, total_steps)`` the loop runs after each optimizer step (``step`` counts
+                    them from 1), before the gradients are cleared: AdaLoRA's budget allocation reads them.
+    report:         optional ``f(host) -> str`` the loop prints at the end of a run (AdaLoRA's rank per layer).
     """
 
     learning_rate: float = 5e-4
     param_groups: Callable[[AdapterHost, float, float], list[dict[str, Any]]] | None = None
     after_training: Callable[[AdapterHost], Any] | None = None
     after_training_at: float = 1.0
+    after_step: Callable[[AdapterHost, int, int], Any] | None = None
+    report: Callable[[AdapterHost], str] | None = None
 
 
 @dataclass(frozen=True)
