@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from peftkit import (
+    AdaLoraConfig,
     BitFitConfig,
     BottleneckConfig,
     CompacterConfig,
@@ -84,5 +85,10 @@ CASES: dict[str, Case] = {
     "LOKR": Case(
         lambda kind: LoKrConfig(r=2, alpha=4, target_modules=TARGETS[kind], task_type=TASKS[kind]),
         models=("bert", "llama", "t5"),
+    ),
+    "ADALORA": Case(
+        lambda kind: AdaLoraConfig(
+            init_r=4, target_r=2, total_step=10, target_modules=TARGETS[kind], task_type=TASKS[kind]
+        )
     ),
 }

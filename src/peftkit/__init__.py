@@ -36,6 +36,7 @@ from peftkit.integrations.peft_models import (
     PeftModelForTokenClassification,
 )
 from peftkit.integrations.peft_status import get_layer_status, get_model_status
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.bitfit import BitFitConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.compacter import CompacterConfig
@@ -65,6 +66,7 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "AdaLoraConfig",
     "Average",
     "BitFitConfig",
     "BottleneckConfig",

@@ -32,6 +32,7 @@ _METHODS: dict[str, str] = {
     "OFT": "peftkit.methods.oft",
     "LOHA": "peftkit.methods.loha",
     "LOKR": "peftkit.methods.lokr",
+    "ADALORA": "peftkit.methods.adalora",
 }
 _BUILT_IN = frozenset(_METHODS)
 
