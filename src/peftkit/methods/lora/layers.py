@@ -16,7 +16,7 @@ from torch import nn
 from peftkit.core.layer import WrapsInPlace
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
-from peftkit.methods.lora import dora, inits
+from peftkit.methods.lora import autograd, dora, inits
 from peftkit.methods.lora.config import LoraConfig
 
 
@@ -247,7 +247,8 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """W x + b + sum_a s_a B_a A_a x. On a plain base layer the low-rank terms (and b) are computed first and
-        the base GEMM accumulates into them (``addmm``), which saves two passes over the output."""
+        the base GEMM accumulates into them (``addmm``), which saves two passes over the output; while training,
+        through ``autograd.LoraLinearFunction``, which keeps less for backward (``autograd.set_lora_backward``)."""
         routed = self.routing is not None and not self.disabled
         live = self.live_adapters() if not routed else []
         if not live and not (routed and self.has_routed_adapters()):
@@ -259,6 +260,10 @@ class LoraLinear(LoraLayer):
             result = self.base_layer(x, *args, **kwargs)  # (..., out)
             delta = self._routed(x, None) if routed else self._delta(x.reshape(-1, x.shape[-1]), live, None)
             return result + delta.reshape(result.shape).to(result.dtype)
+        if not routed:  # LoRA's own backward (methods/lora/autograd.py): keeps x, A d(x) and mask bits only
+            fused = autograd.lora_linear(self, x, weight_t, live)
+            if fused is not None:
+                return fused
         bias = self.base_layer.bias
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)

@@ -1,0 +1,243 @@
+"""LoRA's own backward on nn.Linear / GPT-2 Conv1D: keep for backward only what the gradients need.
+
+For h = W x + b + sum_a s_a (B_a A_a d_a(x) + c_a), with d_a adapter a's dropout (x * m_a / (1 - p), m_a ~ Bernoulli),
+the gradients are (g = dL/dh, rows of N tokens)
+
+    dL/dB_a = s_a g^T (A_a d_a(x))        needs A_a d_a(x): (N, r)
+    dL/dA_a = s_a (g B_a)^T d_a(x)         needs x and m_a
+    dL/dx   = g W + sum_a s_a ((g B_a) A_a) * m_a / (1 - p)
+    dL/dc_a = s_a sum_rows g,  dL/db = sum_rows g
+
+Autograd, left to itself, keeps per adapter a full-size dropped copy d_a(x) and the scaled mask m_a / (1 - p) (two
+more tensors the size of x, each adapter, each layer: q, k and v each keep their own copy of one input). Here the
+layer keeps x itself (one storage, shared by every adapter and by sibling layers reading the same tensor), the (N, r)
+products, and each mask as bits (1/32 of an fp32 x); d_a(x) is rebuilt in backward. The dropout draw is
+``empty_like(x).bernoulli_(1 - p)``, the draw ``F.dropout`` makes on CPU, so a seeded run equals the plain path.
+
+Option ``recompute_inputs`` (off by default): when x is an elementwise product of tensors autograd keeps anyway
+(Llama's down_proj input act(gate) * up; RMSNorm's output w * (h * rsqrt(var))), keep those factors and recompute x
+in backward instead of keeping x (see ``input_recipe``). Not under torch.compile or activation checkpointing.
+
+Switches: :func:`set_lora_backward` / :func:`lora_backward` (a context manager). ``fused=False`` restores plain
+autograd (the exact same numbers, more memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SETTINGS = {"fused": True, "recompute_inputs": False}
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def set_lora_backward(*, fused: bool | None = None, recompute_inputs: bool | None = None) -> None:
+    """Process-wide: ``fused`` (default True) uses this module's backward for LoRA on Linear / Conv1D;
+    ``recompute_inputs`` (default False) also recomputes cheap layer inputs in backward instead of keeping them."""
+    if fused is not None:
+        _SETTINGS["fused"] = bool(fused)
+    if recompute_inputs is not None:
+        _SETTINGS["recompute_inputs"] = bool(recompute_inputs)
+
+
+@contextmanager
+def lora_backward(*, fused: bool | None = None, recompute_inputs: bool | None = None) -> Iterator[None]:
+    """:func:`set_lora_backward` for the calls inside the ``with`` block, then the previous settings again."""
+    before = dict(_SETTINGS)
+    set_lora_backward(fused=fused, recompute_inputs=recompute_inputs)
+    try:
+        yield
+    finally:
+        _SETTINGS.update(before)
+
+
+def lora_backward_settings() -> dict[str, bool]:
+    """The current switches (a copy)."""
+    return dict(_SETTINGS)
+
+
+# ---- dropout masks as bits ------------------------------------------------------------------------------------
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 tensor -> uint8 bits, 8 elements a byte (padded at the end)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8))
+    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def _noise(bits: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
+    """The scaled mask m / (1 - p) in ``like``'s shape and dtype, from ``_pack``'s bits (the forward's exact values)."""
+    mask = (bits[:, None] >> _SHIFTS.to(bits.device)) & 1  # (numel / 8, 8)
+    return mask.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype).div_(1 - p)
+
+
+def _dropout_p(module: nn.Module) -> float | None:
+    """The dropout probability this call applies (0 in eval mode or for Identity); None for any other module."""
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout:
+        return module.p if module.training else 0.0
+    return None
+
+
+# ---- recomputable inputs ----------------------------------------------------------------------------------------
+def _saved(node: Any, attr: str) -> torch.Tensor | None:
+    try:
+        value = getattr(node, attr)
+    except RuntimeError:  # freed, or saved under hooks that cannot give it back now
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _mul_recipe(node: Any, depth: int) -> tuple | None:
+    """x = a * b from a MulBackward0 node: each operand kept by the node, or itself such a product (depth-limited)."""
+    if node is None or type(node).__name__ != "MulBackward0" or depth > 2:
+        return None
+    parts = []
+    for k, attr in enumerate(("_saved_self", "_saved_other")):
+        operand = _saved(node, attr)
+        if operand is None:
+            inner = node.next_functions[k][0]
+            operand = _mul_recipe(inner, depth + 1)
+            if operand is None:
+                return None
+        parts.append(operand)
+    return tuple(parts)
+
+
+def _checkpointing() -> bool:
+    """Whether saved-tensor hooks of torch.utils.checkpoint (or torch's own offloading) are active."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", "").startswith("torch.")
+
+
+def input_recipe(x: torch.Tensor) -> tuple | None:
+    """How to rebuild ``x`` from tensors autograd keeps anyway: a nested (a, b) tuple of products, or None.
+
+    Only elementwise products of the same dtype qualify (a cast or any other op in between stops the search), so the
+    rebuilt x equals the forward's bit for bit."""
+    if not _SETTINGS["recompute_inputs"] or torch.compiler.is_compiling() or _checkpointing():
+        return None
+    return _mul_recipe(x.grad_fn, 0)
+
+
+def _leaves(recipe: tuple | torch.Tensor) -> list[torch.Tensor]:
+    if isinstance(recipe, torch.Tensor):
+        return [recipe]
+    return _leaves(recipe[0]) + _leaves(recipe[1])
+
+
+def _skeleton(recipe: tuple | torch.Tensor) -> tuple | None:
+    """The recipe's structure with its tensors left out (the tensors go through ``save_for_backward``)."""
+    return None if isinstance(recipe, torch.Tensor) else (_skeleton(recipe[0]), _skeleton(recipe[1]))
+
+
+def _rebuild(skeleton: tuple | None, leaves: Iterator[torch.Tensor]) -> torch.Tensor:
+    if skeleton is None:
+        return next(leaves)
+    return _rebuild(skeleton[0], leaves) * _rebuild(skeleton[1], leaves)
+
+
+# ---- the function ---------------------------------------------------------------------------------------------
+class LoraLinearFunction(torch.autograd.Function):
+    """h (N, out) = x2 W^T + b + sum_a s_a (B_a A_a d_a(x2) + c_a); see the module docstring for what it keeps.
+
+    Inputs: x2 (N, in), weight_t (in, out) (frozen), bias (out,) or None, plan: per adapter (s_a, p_a), then the flat
+    list A_1 (r, in), B_1 (out, r), c_1 (out,) or None, A_2, ...; ``recipe``: ``input_recipe(x)`` or None."""
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, plan: tuple,
+                recipe: tuple | None, *factors: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        acc, keep = bias, []
+        for k, (s, p) in enumerate(plan):
+            a, b, c = factors[3 * k : 3 * k + 3]
+            bits = None
+            if p > 0:
+                noise = torch.empty_like(x2).bernoulli_(1 - p)  # F.dropout's own draw on CPU
+                bits = _pack(noise)
+                h = F.linear(x2 * noise.div_(1 - p), a) * s  # (N, r)
+                del noise
+            else:
+                h = F.linear(x2, a) * s  # (N, r)
+            acc = torch.mm(h, b.T) if acc is None else torch.addmm(acc, h, b.T)  # (N, out)
+            if c is not None:
+                acc = acc + c * s
+            keep += [h, bits]
+        out = acc.addmm_(x2, weight_t)  # acc is fresh: the base GEMM accumulates into it
+        ctx.plan, ctx.x_shape = plan, x2.shape
+        ctx.recipe = None if recipe is None else _skeleton(recipe)
+        source = _leaves(recipe) if recipe is not None else [x2]
+        ctx.n_source = len(source)
+        ctx.save_for_backward(*source, weight_t, *factors, *keep)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        source, weight_t = saved[: ctx.n_source], saved[ctx.n_source]
+        n = len(ctx.plan)
+        factors, keep = saved[ctx.n_source + 1 : ctx.n_source + 1 + 3 * n], saved[ctx.n_source + 1 + 3 * n :]
+        x2 = _input(ctx, source)
+        need = ctx.needs_input_grad
+        grad_x = g @ weight_t.T if need[0] else None  # (N, in)
+        grads: list[torch.Tensor | None] = []
+        for k, (s, p) in enumerate(ctx.plan):
+            a, b, c = factors[3 * k : 3 * k + 3]
+            h, bits = keep[2 * k], keep[2 * k + 1]
+            need_a, need_b, need_c = need[5 + 3 * k : 8 + 3 * k]
+            noise = _noise(bits, x2, p) if p > 0 and (need_a or need[0]) else None
+            gh = (g @ b) * s if need_a or need[0] else None  # (N, r): dL/d(A_a d_a(x))
+            grad_a = gh.T @ (x2 * noise if noise is not None else x2) if need_a else None  # (r, in)
+            grad_b = g.T @ h if need_b else None  # (out, r)
+            grad_c = g.sum(0) * s if need_c and c is not None else None
+            if grad_x is not None:
+                back = gh @ a  # (N, in)
+                grad_x.add_(back * noise if noise is not None else back)
+            grads += [grad_a, grad_b, grad_c]
+        grad_bias = g.sum(0) if need[2] else None
+        return grad_x, None, grad_bias, None, None, *grads
+
+
+def _input(ctx: Any, source: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """x2 as the forward saw it: kept, or rebuilt from the recipe's kept factors."""
+    if ctx.recipe is None:
+        return source[0]
+    return _rebuild(ctx.recipe, iter(source)).reshape(ctx.x_shape)
+
+
+def plan_for(layer: nn.Module, names: list[str]) -> tuple | None:
+    """Per adapter (s_a, p_a) when every adapter's dropout is a plain nn.Dropout / Identity, else None."""
+    plan = []
+    for name in names:
+        p = _dropout_p(layer.lora_dropout[name])
+        if p is None:
+            return None
+        plan.append((layer.scaling[name], p))
+    return tuple(plan)
+
+
+def applies(weight_t: torch.Tensor) -> bool:
+    """Whether the fused path is exact and worth it here: on, gradients recorded, a frozen base weight."""
+    return _SETTINGS["fused"] and torch.is_grad_enabled() and not weight_t.requires_grad
+
+
+def lora_linear(layer: nn.Module, x: torch.Tensor, weight_t: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+    """``layer``'s output for ``x`` (..., in) through :class:`LoraLinearFunction`, or None where it does not apply
+    (then the caller takes plain autograd's path)."""
+    if not applies(weight_t):
+        return None
+    plan = plan_for(layer, names)
+    if plan is None:
+        return None
+    factors: list[torch.Tensor | None] = []
+    for name in names:
+        lora_b = layer.lora_B[name]
+        factors += [layer.lora_A[name].weight, lora_b.weight, lora_b.bias]
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    recipe = input_recipe(x) if any(f.requires_grad for f in factors[::3]) else None
+    out = LoraLinearFunction.apply(x2, weight_t, layer.base_layer.bias, plan, recipe, *factors)  # (N, out)
+    return out.reshape(*x.shape[:-1], -1)
