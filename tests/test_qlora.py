@@ -342,3 +342,63 @@ def test_hotswap_and_unload_over_nf4(saved, tmp_path):
     after = list(stored(plain).values())  # the same layers in the same order, under their unwrapped names
     assert len(after) == len(base_stored) and all(map(torch.equal, base_stored.values(), after))
     torch.testing.assert_close(logits(plain, inputs), logits(load(saved), inputs), atol=0, rtol=0)
+
+
+# ---- integrations/kbit.py: quantize a loaded model, prepare it, export merged without requantizing ---------------
+@pytest.mark.parametrize("quant", ["nf4", "int8", "torchao-int8"])
+def test_quantize_model_equals_the_transformers_quantized_load(saved, quant):
+    from peftkit.integrations.kbit import quantize_model
+
+    ours = exact_cpu_kernel(quantize_model(load(saved, quant=None), quant, torch.float32, double_quant=False))
+    reference = load(saved, quant=quant)
+    kinds = [Q.kind(m) for m in ours.modules() if Q.is_quantized(m)]
+    assert len(kinds) == 14 and not Q.is_quantized(ours.lm_head)
+    mine, theirs = stored(ours), stored(reference)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)  # the same bytes
+    for name, module in ours.named_modules():
+        if Q.is_quantized(module):
+            torch.testing.assert_close(Q.dequantize(module), Q.dequantize(reference.get_submodule(name)))
+
+
+def test_fake_quantize_and_merge_dequantized_are_exact(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.integrations.kbit import fake_quantize, merge_dequantized
+
+    inputs = batch("llama")
+    quantized = load(saved, double=True)
+    fake = fake_quantize(load(saved, quant=None), "nf4", double_quant=True)
+    torch.testing.assert_close(logits(fake, inputs), logits(quantized, inputs), atol=1e-5, rtol=1e-5)
+    pm = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    perturb(pm, scale=0.05)
+    adapted = logits(pm, inputs)
+    merged = merge_dequantized(pm, torch.float32)
+    assert not any(Q.is_quantized(m) or isinstance(m, QuantizedLoraLinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, inputs), adapted, atol=1e-5, rtol=1e-5)  # no requantization error
+    merged.save_pretrained(tmp_path)  # a plain transformers folder: no quantization_config left in it
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(Q.is_quantized(m) for m in again.modules())
+    torch.testing.assert_close(logits(again, inputs), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_prepare_model_for_kbit_training_on_a_real_4bit_model_matches_peft(saved):
+    import peft
+
+    import peftkit
+
+    ours, theirs = load(saved, dtype=torch.bfloat16), load(saved, dtype=torch.bfloat16)
+    for model in (ours, theirs):
+        for p in model.parameters():  # norms and embeddings in bf16, as a bf16 checkpoint loads
+            if p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
+    peftkit.prepare_model_for_kbit_training(ours)
+    peft.prepare_model_for_kbit_training(theirs)
+    ours_dtypes = {n: (p.dtype, p.requires_grad) for n, p in ours.named_parameters()}
+    assert ours_dtypes == {n: (p.dtype, p.requires_grad) for n, p in theirs.named_parameters()}
+    assert ours.is_gradient_checkpointing and ours.model.norm.weight.dtype == torch.float32
+    pm = get_peft_model(ours, LoraConfig(r=4, target_modules="all-linear"))
+    pm.train()
+    inputs = batch("llama")
+    pm(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]  # B = 0 at init: A's gradient is zero
+    assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)

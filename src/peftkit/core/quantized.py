@@ -168,3 +168,33 @@ def rounding_error(module: nn.Module, target: torch.Tensor) -> tuple[float, floa
     """(max |dequant(stored) - target|, ||dequant(stored) - target||_F / ||target||_F) after a requantize."""
     diff = dequantize(module) - target.float()
     return float(diff.abs().max()), float(diff.norm() / target.float().norm().clamp_min(1e-30))
+
+
+QUANT_CHOICES = ("nf4", "fp4", "int8", "torchao-int8")
+
+
+@torch.no_grad()
+def roundtrip(weight: torch.Tensor, quant: str, double_quant: bool = False, blocksize: int = 64) -> torch.Tensor:
+    """dequant(quant(W)) (out, in) in float32: the weight a ``quant`` layer built from W multiplies by.
+
+    nf4 / fp4: bitsandbytes blockwise 4-bit (``blocksize`` values share one absmax); int8: LLM.int8() rows (one
+    absmax per output row, W cast to float16 first, as Linear8bitLt does); torchao-int8: torchao's per-row int8."""
+    w = weight.detach()
+    if quant in ("nf4", "fp4"):
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(
+            w.contiguous(), blocksize=blocksize, quant_type=quant, compress_statistics=double_quant
+        )
+        return bnbf.dequantize_4bit(packed, state).float()
+    if quant == "int8":
+        import bitsandbytes.functional as bnbf
+
+        rows, scales, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16).contiguous())
+        return rows.float() * (scales.float()[:, None] / 127.0)
+    if quant == "torchao-int8":
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerRow
+
+        return Int8Tensor.from_hp(w, PerRow()).dequantize().float()
+    raise MergeError(f"quantization {quant!r} is not one of {', '.join(QUANT_CHOICES)}.")

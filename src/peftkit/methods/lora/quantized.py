@@ -70,6 +70,8 @@ class QuantizedLoraLinear(LoraLinear):
     # ---- forward --------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """base(x) + sum_a s_a B_a A_a x (DoRA adapters: + (f - 1) W x + f s B A x), the adapters in compute dtype."""
+        if not Q.is_quantized(self.get_base_layer()):  # dequantized in place (integrations/kbit.dequantize_model)
+            return super().forward(x, *args, **kwargs)
         routed = self.routing is not None and not self.disabled
         live = [] if routed else self.live_adapters()
         if not live and not (routed and self.has_routed_adapters()):
@@ -158,8 +160,11 @@ class QuantizedLoraLinear(LoraLinear):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str]) -> None:
-        self.check_mergeable(adapter_names)
         base = self.get_base_layer()
+        if self._premerge is None and not Q.is_quantized(base):  # a dequantized base: LoRA's exact W + ΔW
+            super().merge(adapter_names)
+            return
+        self.check_mergeable(adapter_names)
         w0 = self._original_weight()
         target = w0.clone()
         for name in [*self.merged_adapters, *adapter_names]:
@@ -190,7 +195,8 @@ class QuantizedLoraLinear(LoraLinear):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged_adapters:
+        if self._premerge is None:  # nothing merged, or merged into a dequantized base as plain LoRA
+            super().unmerge()
             return
         base = self.get_base_layer()
         for name in reversed(self.merged_adapters):
