@@ -103,14 +103,15 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _prepare_data(self) -> None:
-        data = D.prepare(self.config, self.tokenizer)
+        data = D.prepare(self.config, self.tokenizer, self._say)
         self.columns, self.task, self.labels = data.columns, data.columns.task, data.labels
         self.train_set, self.dev_set = data.train, data.dev
 
     def _epoch(self, epoch: int) -> list[list[int]]:
         c = self.config
+        lengths = D.lengths(self.train_set) if c.group_by_length else None
         return D.epoch_batches(
-            len(self.train_set), c.batch_size, epoch, c.seed, self.acc.num_processes, self.acc.process_index
+            len(self.train_set), c.batch_size, epoch, c.seed, self.acc.num_processes, self.acc.process_index, lengths
         )
 
     def _total_steps(self) -> int:
@@ -230,8 +231,6 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        if self.method.training.after_step:  # before the gradients go: AdaLoRA's allocation reads them
-            self.method.training.after_step(self.pm, self.state["step"] + 1, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.acc.reduce(total, reduction="mean"))
 
@@ -348,8 +347,6 @@ class Trainer:
 
             plot_curves(self.history, self.out / "curves.png", self.metric)
             self._say(f"dev after training (step {result.best_step}): {_fmt(result.after)}")
-            if self.method.training.report:  # e.g. AdaLoRA's final rank per layer
-                self._say(self.method.training.report(self.pm))
             if result.majority is not None:
                 self._say(f"majority class: {result.majority:.4f}; output: {self.out}")
         self.acc.wait_for_everyone()
