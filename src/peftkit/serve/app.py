@@ -94,24 +94,32 @@ async def read_json(request: Request, limit: int) -> Any:
         raise P.RequestError(f"The body is not valid JSON: {err}", 400, code="invalid_json") from None
 
 
-async def events(state: ServeState, prompt: list[int], adapter: str, params: SamplingParams) -> AsyncIterator[Event]:
-    """Submit one generation to the engine and yield its events; a client that goes away cancels it."""
+def events(state: ServeState, prompt: list[int], adapter: str, params: SamplingParams) -> AsyncIterator[Event]:
+    """Submit one generation to the engine now (a refusal raises here, before any response starts) and return its
+    events; a client that goes away cancels it."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(event: Event) -> None:  # called on the engine thread
-        loop.call_soon_threadsafe(queue.put_nowait, event)
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown timed out): nobody is listening
+            generation.cancelled = True
 
     generation = Generation(prompt, adapter, params, emit, state.tokenizer)
     state.engine.submit(generation)
-    finished = False
-    try:
-        while not finished:
-            event = await queue.get()
-            finished = event.finish_reason is not None
-            yield event
-    finally:
-        generation.cancelled = not finished
+
+    async def stream() -> AsyncIterator[Event]:
+        finished = False
+        try:
+            while not finished:
+                event = await queue.get()
+                finished = event.finish_reason is not None
+                yield event
+        finally:
+            generation.cancelled = not finished
+
+    return stream()
 
 
 def check_prompt(state: ServeState, ids: list[int]) -> None:

@@ -155,31 +155,30 @@ class Engine:
             future.set_exception(err)
 
     def _take_joiners(self) -> list[Request]:
+        """Waiting requests that fit in the batch now, oldest first. Only this thread removes from ``_waiting``
+        (others append), so no lock is held while an adapter loads from disk."""
         joiners: list[Request] = []
-        with self._cond:
-            while self._waiting and len(self._running) + len(joiners) < self.max_batch:
-                request = self._waiting[0]
-                if request.cancelled:
-                    self._waiting.popleft()
-                    continue
-                if request.adapter != BASE and request.adapter not in self.registry.known:
-                    self._waiting.popleft()
-                    request.emit(Event(error=f"adapter {request.adapter!r} was unloaded", finish_reason="error"))
-                    continue
-                try:
-                    room = self.registry.ensure_resident(request.adapter)
-                except Exception as err:  # its folder changed on disk since it was registered
-                    self._waiting.popleft()
-                    request.emit(
-                        Event(error=f"adapter {request.adapter!r} failed to load: {err}", finish_reason="error")
-                    )
-                    continue
-                if not room:
-                    break  # every resident adapter is busy: wait for rows to finish
-                self._waiting.popleft()
+        while self._waiting and len(self._running) + len(joiners) < self.max_batch:
+            request = self._waiting[0]
+            problem = None if request.cancelled else self._make_resident(request)
+            if problem == "full":
+                break  # every resident adapter is busy: wait for rows to finish
+            self._waiting.popleft()
+            if problem is None and not request.cancelled:
                 self.registry.acquire(request.adapter)
                 joiners.append(request)
+            elif problem is not None:
+                request.emit(Event(error=problem, finish_reason="error"))
         return joiners
+
+    def _make_resident(self, request: Request) -> str | None:
+        """None when the request's adapter is in memory; "full" when it must wait; else why it cannot run."""
+        if request.adapter != BASE and request.adapter not in self.registry.known:
+            return f"adapter {request.adapter!r} was unloaded"
+        try:
+            return None if self.registry.ensure_resident(request.adapter) else "full"
+        except Exception as err:  # its folder changed on disk since it was registered
+            return f"adapter {request.adapter!r} failed to load: {err}"
 
     def _admit(self) -> None:
         joiners = self._joining = self._take_joiners()
