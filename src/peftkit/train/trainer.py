@@ -231,6 +231,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        if self.method.training.after_step:  # before the gradients go: AdaLoRA's allocation reads them
+            self.method.training.after_step(self.pm, self.state["step"] + 1, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         return float(self.acc.reduce(total, reduction="mean"))
 
@@ -347,6 +349,8 @@ class Trainer:
 
             plot_curves(self.history, self.out / "curves.png", self.metric)
             self._say(f"dev after training (step {result.best_step}): {_fmt(result.after)}")
+            if self.method.training.report:  # e.g. AdaLoRA's final rank per layer
+                self._say(self.method.training.report(self.pm))
             if result.majority is not None:
                 self._say(f"majority class: {result.majority:.4f}; output: {self.out}")
         self.acc.wait_for_everyone()
