@@ -362,5 +362,10 @@ def lengths(rows: list[dict]) -> list[int]:
     return [len(r["input_ids"]) for r in rows]
 
 
+def token_count(rows: list[dict], index: list[int]) -> int:
+    """Tokens in the rows of one batch, padding not counted (a packed batch's mask is 4-D: read the rows)."""
+    return sum(len(rows[i]["input_ids"]) for i in index)
+
+
 def eval_batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
