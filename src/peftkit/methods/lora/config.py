@@ -58,10 +58,8 @@ class LoraConfig(TargetingConfig):
         "corda_config": None,
         "use_qalora": False,
         "qalora_group_size": 16,
-        "trainable_token_indices": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
-        "target_parameters": None,
         "alora_invocation_tokens": None,
         "arrow_config": None,
         "ensure_weight_tying": False,
@@ -92,11 +90,26 @@ class LoraConfig(TargetingConfig):
         default=False,
         metadata={"help": "Give B a trainable bias (zero at init); merging adds s * that bias to the base bias."},
     )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "Embedding rows (token ids) that train beside LoRA: a list for the input embedding, or "
+            "{embedding name: ids} (peft's field; methods/trainable_tokens.py's layer)."
+        },
+    )
     use_dora: bool = field(
         default=False,
         metadata={
             "help": "DoRA (Liu et al. 2024): W' = m (W + s B A) / ||W + s B A||_c with a trainable magnitude m per "
             "output; Linear, GPT-2 Conv1D, Embedding and (ungrouped) Conv1d/2d/3d."
+        },
+    )
+    target_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters (not modules) to adapt, as '<module>.<param>' names or dotted suffixes, e.g. "
+            "'experts.gate_up_proj' for transformers' fused MoE experts (one update per expert); with "
+            "target_modules=[] nothing else is wrapped."
         },
     )
     rank_pattern: dict[str, int] = field(
@@ -108,6 +121,15 @@ class LoraConfig(TargetingConfig):
 
     def problems(self) -> list[str]:
         problems = super().problems()
+        if self.target_parameters:  # as in peft, target_modules=[] then means "no modules, only the parameters"
+            problems = [p for p in problems if not p.startswith("target_modules=[]")]
+        if self.target_parameters is not None and (
+            isinstance(self.target_parameters, str) or not all(isinstance(t, str) for t in self.target_parameters)
+        ):
+            problems.append(
+                f"target_parameters={self.target_parameters!r} must be a list of parameter names such as "
+                "['experts.gate_up_proj'] (a regex string is not supported, as in peft)."
+            )
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             problems.append(f"r={self.r!r} must be a positive integer (typical: 4, 8, 16).")
         if not 0 <= self.lora_dropout < 1:
