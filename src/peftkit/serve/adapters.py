@@ -157,6 +157,11 @@ class AdapterRegistry:
         """(the module to call, whether it takes per-row ``adapter_names``)."""
         return (self.base, False) if self.model is None else (self.model, True)
 
+    def activate(self, name: str) -> None:
+        """Make resident adapter ``name`` the active one (for a batch whose rows all use it)."""
+        if self.model is not None and self.model.active_adapters != [name]:
+            self.model.set_adapter(name)
+
     def acquire(self, name: str) -> None:
         self.in_use[name] = self.in_use.get(name, 0) + 1
 

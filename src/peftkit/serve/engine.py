@@ -184,8 +184,7 @@ class Engine:
         joiners = self._joining = self._take_joiners()
         if not joiners:
             return
-        model, routed = self.registry.runner()
-        names = [r.adapter for r in joiners] if routed else None
+        model, names = self._plan(joiners)
         with torch.inference_mode():
             logits, kv = prefill(model, [r.prompt for r in joiners], names, self.pad_id)
         tokens = next_tokens(logits, [r.params for r in joiners], [r.generator for r in joiners])
@@ -199,14 +198,25 @@ class Engine:
         self._drop([i for i, r in enumerate(self._running) if r.cancelled])
         if not self._running:
             return
-        model, routed = self.registry.runner()
-        names = [r.adapter for r in self._running] if routed else None
+        model, names = self._plan(self._running)
         with torch.inference_mode():
             logits, self._kv = decode_step(model, self._kv, [r.generated[-1] for r in self._running], names)
         self.steps += 1
         tokens = next_tokens(logits, [r.params for r in self._running], [r.generator for r in self._running])
         done = [i for i, (r, t) in enumerate(zip(self._running, tokens)) if self._advance(r, t)]
         self._drop(done, finished=True)
+
+    def _plan(self, rows: list[Request]) -> tuple[Any, list[str] | None]:
+        """The module to call and its per-row adapter names. Rows that all use one adapter run it as the active
+        adapter, unrouted (the same values, without gathering per-row factors); a mix is routed row by row."""
+        model, routed = self.registry.runner()
+        if not routed:
+            return model, None
+        names = [r.adapter for r in rows]
+        if len(set(names)) == 1 and names[0] != BASE:
+            self.registry.activate(names[0])
+            return model, None
+        return model, names
 
     def _advance(self, request: Request, token: int) -> bool:
         """Give ``request`` its next token; True when it is finished (and told so)."""
