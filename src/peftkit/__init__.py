@@ -4,6 +4,7 @@ from peftkit.core.compose import Average, Fusion, Parallel, Stack
 from peftkit.core.config import PeftConfig, PeftType, TaskType
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from peftkit.core.layer import BASE
+from peftkit.core.loss import chunked_causal_lm_loss
 from peftkit.core.model import PeftModel, get_peft_model
 from peftkit.core.registry import method_names
 from peftkit.integrations import hf_trainer
@@ -59,6 +60,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BASE",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AdaLoraConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -66,7 +68,6 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
-    "AdaLoraConfig",
     "Average",
     "BitFitConfig",
     "BottleneckConfig",
@@ -100,6 +101,7 @@ __all__ = [
     "TrainableTokensConfig",
     "VeraConfig",
     "cast_mixed_precision_params",
+    "chunked_causal_lm_loss",
     "create_loraplus_optimizer",
     "get_layer_status",
     "get_model_status",
