@@ -15,6 +15,10 @@ Tied embeddings: every other module that shares E's tensor (GPT-2's and T5's ``l
 ``embed_tokens``) is wrapped too and reads the same T, so the output head's rows for those tokens change with the
 input rows, as a tied weight does; peft writes the tied copies' keys as well, and so does peftkit.
 
+Beside another method (LoRA's ``trainable_token_indices``, through :func:`with_token_rows`) the same layers train
+the rows of the adapter that method attaches; peft then writes ``<embedding>.token_adapter.trainable_tokens_delta``
+and not the tied copies.
+
 Merging writes T into E's rows (a copy of the old rows is kept), unmerging writes the old rows back bit for bit;
 several merged adapters must not share rows (MergeError). The checkpoint is peft's:
 ``<module>.trainable_tokens_delta`` (the rows' values, not a difference, despite the name) per wrapped module.
@@ -22,7 +26,7 @@ several merged adapters must not share rows (MergeError). The checkpoint is peft
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -260,6 +264,64 @@ def inject(model: nn.Module, config: TrainableTokensConfig, adapter_name: str) -
             for tied in ties[name]:
                 inj.wrap(own_layer_path(model, tied, TiedTokensLayer), TiedTokensLayer, config).tie(layer)
         add_modules_to_save(model, config, inj)
+
+
+# ---- beside another method (LoRA's trainable_token_indices) ----------------------------------------------------
+TOKEN_ADAPTER = "token_adapter"  # peft's wrapper attribute: the rows' key prefix beside another method
+
+
+class TokensBesideLayer(TrainableTokensLayer):
+    """Trainable rows that another method's config asks for: peft keeps them as ``token_adapter.<tensor>``."""
+
+    def file_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {f"{TOKEN_ADAPTER}.{k}": v for k, v in super().file_state_dict(adapter_name).items()}
+
+    def load_file_state(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(f"{TOKEN_ADAPTER}."): v for k, v in tensors.items()}
+
+
+class TiedBesideLayer(TiedTokensLayer):
+    """A module tied to such an embedding: it reads the embedding layer's rows, which peft saves once (there)."""
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def file_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def token_row_targets(model: nn.Module, indices: list[int] | dict[str, list[int]]) -> dict[str, list[int]]:
+    """peft's ``trainable_token_indices``: a list of rows of the input embedding, or {embedding name: rows}."""
+    spec = indices if isinstance(indices, dict) else {input_embedding_name(model): indices}
+    out: dict[str, list[int]] = {}
+    for key, rows in spec.items():
+        if not rows:
+            raise ConfigError(
+                f"trainable_token_indices gives no rows for {key!r}; list token ids (e.g. [32000]) or set it to None."
+            )
+        config = TrainableTokensConfig(target_modules=[key], token_indices=list(rows))
+        out.update(dict.fromkeys(find_targets(model, config, is_embedding, supported_label="nn.Embedding"), rows))
+    return out
+
+
+def with_token_rows(
+    model: nn.Module, indices: list[int] | dict[str, list[int]] | None, adapter_name: str, attach: Callable[[], None]
+) -> None:
+    """Run another method's injection ``attach`` with trainable embedding rows for the same adapter beside it
+    (LoRA's ``trainable_token_indices``; None: just ``attach``). All or nothing: if either part fails, neither
+    stays. Tied modules (a tied LM head) read the same rows."""
+    if indices is None:
+        attach()
+        return
+    targets = token_row_targets(model, indices)
+    ties = {n: tied_names(model, n) for n in targets}
+    with Injection(model, adapter_name) as inj:
+        for name, rows in targets.items():
+            config = TrainableTokensConfig(target_modules=[name], token_indices=list(rows))
+            layer = inj.wrap(own_layer_path(model, name, TokensBesideLayer), TokensBesideLayer, config)
+            for tied in ties[name]:
+                inj.wrap(own_layer_path(model, tied, TiedBesideLayer), TiedBesideLayer, config).tie(layer)
+        attach()
 
 
 METHOD = Method(
