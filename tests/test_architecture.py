@@ -20,8 +20,9 @@ ALLOWED = {
     "cli": {"core", "methods", "integrations", "train", "serve", "cli"},
 }
 # a method may build on another method's public layer only where documented (Compacter is a bottleneck adapter
-# whose projections are PHM layers: docs/architecture.md)
-METHOD_EXCEPTIONS = {("compacter", "bottleneck")}
+# whose projections are PHM layers; LoRA's trainable_token_indices uses trainable tokens' with_token_rows:
+# docs/architecture.md)
+METHOD_EXCEPTIONS = {("compacter", "bottleneck"), ("lora", "trainable")}
 # transformers' input conventions (names of ids / masks / caches), which the input-hooking methods read
 SHARED_MODULES = {"peftkit.integrations.hf_inputs"}
 

@@ -18,6 +18,7 @@ from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
 from peftkit.methods.lora.mha import LoraMultiheadAttention
 from peftkit.methods.lora.quantized import QuantizedLoraLinear
+from peftkit.methods.trainable_tokens import with_token_rows
 
 _DISPATCH: list[tuple[Any, type[LoraLayer]]] = [  # first match wins
     (quantized.is_quantized, QuantizedLoraLinear),  # bitsandbytes 4/8-bit, torchao int8 (nn.Linear subclasses)
@@ -46,7 +47,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
     _check_not_in_attention(model, targets)
     _check_weight_inits(model, config, targets)
-    inject_layers(model, config, adapter_name, targets, dispatch)
+    attach = lambda: inject_layers(model, config, adapter_name, targets, dispatch)  # noqa: E731
+    with_token_rows(model, config.trainable_token_indices, adapter_name, attach)  # trainable_token_indices
 
 
 def _check_not_in_attention(model: nn.Module, targets: list[str]) -> None:
