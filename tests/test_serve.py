@@ -192,6 +192,21 @@ def test_concurrent_mixed_adapters_each_equal_its_solo_run(client, server):
     assert engine.max_rows_seen > 4  # the requests shared forward passes
 
 
+def test_a_client_that_goes_away_frees_its_row(server):
+    engine, registry = server.state.engine, server.state.registry
+    dropped = engine.dropped
+    body = {"model": "beta", "prompt": "bye", "max_tokens": 64, "temperature": 0, "stream": True}
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
+    with http, http.stream("POST", "/v1/completions", json=body) as answer:
+        next(line for line in answer.iter_lines() if line.startswith("data:"))
+        hold = engine.call(lambda: time.sleep(0.3))  # the row is still running when the connection closes
+    hold.result()
+    deadline = time.time() + 5
+    while engine.dropped == dropped and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.dropped == dropped + 1 and not registry.in_use.get("beta")
+
+
 def test_seed_repeats_and_stop_cuts(client):
     def sample(seed: int) -> str:
         return client.completions.create(model="gamma", prompt="abc", max_tokens=16, temperature=1.0, top_p=0.9,

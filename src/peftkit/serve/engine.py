@@ -95,6 +95,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (a test reads it to see that requests shared passes)
         self.max_rows_seen = 0
+        self.dropped = 0  # rows dropped because their client went away
 
     # ---- called from other threads --------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +196,9 @@ class Engine:
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
 
     def _step(self) -> None:
-        self._drop([i for i, r in enumerate(self._running) if r.cancelled])
+        gone = [i for i, r in enumerate(self._running) if r.cancelled]
+        self.dropped += len(gone)
+        self._drop(gone)
         if not self._running:
             return
         model, names = self._plan(self._running)
