@@ -126,7 +126,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         g = torch.Generator().manual_seed(0)
         vocab = len(tokenizer)
         prompts = [torch.randint(100, vocab, (args.prompt,), generator=g).tolist() for _ in range(args.clients)]
-        asyncio.run(wave(server.port, ["a0"], prompts[:4], 4))  # warm-up
+        asyncio.run(wave(server.port, ["a0"], prompts[:4], min(4, args.tokens)))  # warm-up
         speed: dict[int, list[float]] = {k: [] for k in SETTINGS}
         for r in range(args.rounds):
             order = SETTINGS[r % len(SETTINGS) :] + SETTINGS[: r % len(SETTINGS)]
@@ -136,7 +136,35 @@ def run_model(name: str, args: argparse.Namespace) -> None:
                 speed[k].append(count / seconds)
                 print(f"  round {r} adapters={k:2d}: {count} tokens in {seconds:.2f} s", flush=True)
         server.stop()
+        steps = decode_steps(state, args.clients, 2 * args.rounds + 1)
     report(name, args, speed)
+    print("| adapters (one routed decoding step, no HTTP) | ms (median) | vs base model |")
+    print("| --- | --- | --- |")
+    base = statistics.median(steps[0])
+    for k in SETTINGS:
+        label = "base model" if k == 0 else str(k)
+        print(f"| {label} | {1000 * statistics.median(steps[k]):.1f} | {statistics.median(steps[k]) / base:.3f}x |")
+    sys.stdout.flush()
+
+
+def decode_steps(state, batch: int, repeats: int) -> dict[int, list[float]]:
+    """In-process, no HTTP: seconds of one decoding step (batch rows, one token each) over a 32-token cache, rows
+    routed over k adapters (k = 0: the base model), alternating the settings; what the per-row layers cost."""
+    from peftkit.core.layer import BASE
+    from peftkit.serve.batch import decode_step, prefill
+
+    model = state.registry.model
+    prompts = [[100 + i] * 32 for i in range(batch)]
+    times: dict[int, list[float]] = {k: [] for k in SETTINGS}
+    with torch.inference_mode():
+        _, kv = prefill(model, prompts, [BASE] * batch, 0)
+        for r in range(repeats):
+            for k in SETTINGS[r % len(SETTINGS) :] + SETTINGS[: r % len(SETTINGS)]:
+                names = [BASE] * batch if k == 0 else [f"a{i % k}" for i in range(batch)]
+                start = time.perf_counter()
+                decode_step(model, kv, [5] * batch, names)  # kv itself is not grown (a fresh cache each call)
+                times[k].append(time.perf_counter() - start)
+    return times
 
 
 def report(name: str, args: argparse.Namespace, speed: dict[int, list[float]]) -> None:
