@@ -402,3 +402,50 @@ def test_prepare_model_for_kbit_training_on_a_real_4bit_model_matches_peft(saved
     pm(**inputs, labels=inputs["input_ids"]).loss.backward()
     grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]  # B = 0 at init: A's gradient is zero
     assert len(grads) == 14 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# ---- (IA)3 over quantized layers ------------------------------------------------------------------------------------
+IA3_ARGS = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+def test_ia3_over_nf4_formula_training_and_merge(saved):
+    from peftkit import IA3Config
+    from peftkit.methods.ia3_quantized import QuantizedIA3Linear
+
+    pm = get_peft_model(load(saved), IA3Config(**IA3_ARGS))
+    perturb(pm, scale=0.3)
+    attn, mlp = pm.base_model.model.model.layers[0].self_attn, pm.base_model.model.model.layers[0].mlp
+    assert isinstance(attn.k_proj, QuantizedIA3Linear) and isinstance(mlp.down_proj, QuantizedIA3Linear)
+    x, h = torch.randn(2, 3, 64), torch.randn(2, 3, 128)
+    lk, ld = attn.k_proj.ia3_l["default"].reshape(-1), mlp.down_proj.ia3_l["default"].reshape(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.k_proj(x), (x @ Q.dequantize(attn.k_proj.base_layer).T) * lk, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            mlp.down_proj(h), (h * ld) @ Q.dequantize(mlp.down_proj.base_layer).T, atol=1e-5, rtol=0
+        )
+    before = stored(pm)
+    inputs = batch("llama")
+    adapted = logits(pm, inputs)
+    with pytest.warns(Q.RoundingWarning, match="changed it by up to"):
+        pm.merge_adapter()
+    assert (logits(pm, inputs) - adapted).abs().max() < 0.1 * adapted.abs().max()
+    pm.unmerge_adapter()
+    assert all(map(torch.equal, before.values(), stored(pm).values()))
+    torch.testing.assert_close(logits(pm, inputs), adapted, atol=0, rtol=0)
+
+
+def test_ia3_over_nf4_interop_with_peft(saved, tmp_path):
+    import peft
+
+    from peftkit import IA3Config
+
+    ours = get_peft_model(load(saved), IA3Config(**IA3_ARGS))
+    perturb(ours, scale=0.3)
+    ours.save_pretrained(tmp_path / "ours")
+    inputs = batch("llama")
+    theirs = peft.PeftModel.from_pretrained(load(saved), tmp_path / "ours")
+    torch.testing.assert_close(logits(theirs, inputs), logits(ours, inputs), atol=1e-4, rtol=1e-4)
+    theirs = peft.get_peft_model(load(saved), peft.IA3Config(**IA3_ARGS, init_ia3_weights=False))
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = PeftModel.from_pretrained(load(saved), tmp_path / "theirs")
+    torch.testing.assert_close(logits(again, inputs), logits(theirs, inputs), atol=1e-4, rtol=1e-4)

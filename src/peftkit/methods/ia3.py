@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from peftkit.core import quantized
 from peftkit.core.combine import free_name, mean_head_copies
 from peftkit.core.inject import inject_layers, own_layer_path
 from peftkit.core.layer import AdapterLayer
@@ -313,6 +314,10 @@ SUPPORTED = "Linear, GPT-2 Conv1D, Conv2d, Conv3d"
 
 
 def dispatch(module: nn.Module) -> type[IA3Layer] | None:
+    if quantized.is_quantized(module):  # bitsandbytes 4/8-bit, torchao int8 (its file builds on IA3Linear)
+        from peftkit.methods.ia3_quantized import QuantizedIA3Linear
+
+        return QuantizedIA3Linear
     if isinstance(module, nn.Linear) or is_conv1d_gpt2(module):
         return IA3Linear
     if isinstance(module, (nn.Conv2d, nn.Conv3d)):
