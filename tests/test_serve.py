@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 
 import torch  # noqa: E402
 
-from models import perturb, tiny_llama  # noqa: E402
+from models import perturb, tiny_gpt2, tiny_llama  # noqa: E402
 from peftkit import LoraConfig, get_peft_model  # noqa: E402
 from peftkit.cli.predict import generate  # noqa: E402
 from peftkit.serve.batch import KVBatch, decode_step, prefill  # noqa: E402
@@ -294,9 +294,11 @@ def test_graceful_shutdown_finishes_running_requests(folders):
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------
-def test_rows_joining_and_leaving_match_each_row_alone():
-    """batch.py: two rows prefilled together, two more joining mid-way, rows leaving: each equals its own run."""
-    pm = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"), "a")
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_rows_joining_and_leaving_match_each_row_alone(build):
+    """batch.py: two rows prefilled together, two more joining mid-way, rows leaving: each equals its own run
+    (Llama: rotary positions, grouped-query attention; GPT-2: learned positions, Conv1D layers)."""
+    pm = get_peft_model(build(), LoraConfig(r=4, target_modules="all-linear"), "a")
     pm.add_adapter("b", LoraConfig(r=4, target_modules="all-linear"))
     perturb(pm, "a", 1, 0.5), perturb(pm, "b", 2, 0.5)
     pm.eval()

@@ -156,7 +156,7 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def _usage_wanted(body: P._Sampling) -> bool:
+def _usage_wanted(body: P.SamplingFields) -> bool:
     return bool((getattr(body, "stream_options", None) or {}).get("include_usage"))
 
 

@@ -132,21 +132,14 @@ def _forward(
 ) -> torch.Tensor:
     """The last position's logits (B, V); ``cache`` grows in place by ids' width. ``adapters``: one name per row
     (peftkit's per-row routing), or None for a plain model without adapters."""
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_argument(model): cache},
-        **({} if adapters is None else {"adapter_names": list(adapters)}),
-    )
+    params = inspect.signature(model.forward).parameters
+    options = {"cache" if "cache" in params else "past_key_values": cache}  # transformers >= 5.2x: ``cache``
+    if "logits_to_keep" in params:
+        options["logits_to_keep"] = 1  # the last position only: no (B, T, V) logits in the prefill
+    if adapters is not None:
+        options["adapter_names"] = list(adapters)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **options)
     return out.logits[:, -1, :]
-
-
-def cache_argument(model: Any) -> str:
-    """The forward's name for the cache: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (older)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def model_device(model: Any) -> torch.device:

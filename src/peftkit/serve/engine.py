@@ -113,6 +113,8 @@ class Engine:
         """Run ``function`` on the engine thread between two steps; its result (or error) arrives in the future."""
         future: Future = Future()
         with self._cond:
+            if self._stopping:
+                raise EngineStopped("The server is shutting down; retry on another instance.")
             self._commands.append((function, future))
             self._cond.notify()
         return future

@@ -40,7 +40,9 @@ class RequestError(ValueError):
         return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
-class _Sampling(BaseModel):
+class SamplingFields(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model (adapter) and the sampling settings."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -74,7 +76,7 @@ class _Sampling(BaseModel):
         return SamplingParams(tokens, self.temperature, self.top_p, stop, self.seed)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
     echo: bool = False
     best_of: int | None = None
@@ -106,7 +108,7 @@ class Message(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
