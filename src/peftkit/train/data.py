@@ -39,6 +39,8 @@ def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """(train rows, dev rows) for ``config.data``, capped by max_train_rows / max_eval_rows. Without a dev split,
     a seeded ``dev_fraction`` of the training rows is split off, stratified by label for classification."""
     train, dev = load_source(config)
+    if config.data == "tweets":  # built in: every label present, a fixed dev split
+        return train[: config.max_train_rows], dev[: config.max_eval_rows]
     if not train:
         raise ConfigError(f"--data {config.data!r} has no training rows.")
     columns = _checked(train, config, "train")
