@@ -449,3 +449,21 @@ def test_ia3_over_nf4_interop_with_peft(saved, tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     again = PeftModel.from_pretrained(load(saved), tmp_path / "theirs")
     torch.testing.assert_close(logits(again, inputs), logits(theirs, inputs), atol=1e-4, rtol=1e-4)
+
+
+# ---- LoftQ (Li et al. 2023, Algorithm 1) ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "quant"), [(4, "nf4"), (8, "int8")])
+def test_loftq_beats_plain_quantization_and_improves_with_iterations(bits, quant):
+    from peftkit.methods.lora.loftq import loftq_factors
+
+    w = tiny_llama(hidden_size=64, intermediate_size=128).model.layers[0].mlp.up_proj.weight.detach()
+    plain = float((w - Q.roundtrip(w, quant)).norm())  # ||W - Q||
+    errors = []
+    for iters in (1, 2, 5):
+        q, a, b = loftq_factors(w, bits, r=8, iters=iters, scaling=2.0)
+        assert a.shape == (8, 64) and b.shape == (128, 8)
+        if quant == "nf4":
+            assert torch.equal(Q.roundtrip(q, quant), q)  # dequant(Q) is stored exactly by a 4-bit layer
+        errors.append(float((w - (q + 2.0 * b @ a)).norm()))  # ||W - (Q + s B A)||
+    assert errors[0] < plain
+    assert errors[2] < errors[1] < errors[0]

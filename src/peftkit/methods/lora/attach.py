@@ -12,7 +12,7 @@ from peftkit.core.inject import inject_layers, trainable_biases
 from peftkit.core.layer import AdapterLayer
 from peftkit.core.targeting import find_targets, is_conv1d_gpt2
 from peftkit.errors import ConfigError
-from peftkit.methods.lora import inits
+from peftkit.methods.lora import inits, loftq
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
@@ -47,7 +47,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     targets = find_targets(model, config, lambda m: dispatch(m) is not None, supported_label=SUPPORTED)
     _check_not_in_attention(model, targets)
     _check_weight_inits(model, config, targets)
-    attach = lambda: inject_layers(model, config, adapter_name, targets, dispatch)  # noqa: E731
+    is_loftq = config.init_lora_weights == "loftq"
+    if is_loftq:
+        loftq.check(model, config, targets)  # before anything changes: LoftQ rewrites the base weights
+
+    def attach() -> None:
+        inject_layers(model, config, adapter_name, targets, dispatch)
+        if is_loftq:
+            loftq.initialise(model, config, adapter_name, targets)
+
     with_token_rows(model, config.trainable_token_indices, adapter_name, attach)  # trainable_token_indices
 
 

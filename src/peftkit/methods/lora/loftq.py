@@ -1,0 +1,107 @@
+"""LoftQ initialisation (Li et al. 2023, "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models",
+section 3, Algorithm 1): quantize the base weight and start the adapter from what quantization lost.
+
+Alternating, for t = 1..T (``loftq_iter``), with q_N the n-bit quantizer (``loftq_bits``: 4 = NF4, 8 = int8 rows)
+and SVD_r the best rank-r approximation:
+
+    Q_t = q_N(W - s B_{t-1} A_{t-1})             B_0 A_0 = 0: the first step is plain quantization
+    s B_t A_t = SVD_r(W - Q_t)                    B = U_r sqrt(S_r) / sqrt(s), A = sqrt(S_r) V_r^T / sqrt(s)
+
+so that Q_T + s B A approximates W better than Q alone: ||W - (Q + s B A)||_F < ||W - Q||_F, and the gap usually
+shrinks as T grows. The base weight becomes dequant(Q_T), which the n-bit format stores exactly: save the model and
+load it quantized (bitsandbytes NF4 without double quantization, or int8), as with peft. peft 0.21 stores
+B = U sqrt(S), A = sqrt(S) V^T, which assumes s = alpha / r = 1; peftkit divides by sqrt(s) so that any alpha works
+(the files are the same when alpha = r). Linear layers only; the weights must be float (quantize afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from peftkit.core import quantized as Q
+from peftkit.errors import ConfigError
+
+BITS = {4: "nf4", 8: "int8"}
+
+
+@dataclass(kw_only=True)
+class LoftQConfig:
+    """LoftQ's settings, with peft's names and defaults (``LoraConfig(init_lora_weights="loftq",
+    loftq_config=LoftQConfig(...))``)."""
+
+    loftq_bits: int = field(default=4, metadata={"help": "Quantization bits: 4 (NF4) or 8 (int8)."})
+    loftq_iter: int = field(default=1, metadata={"help": "Alternating quantization / SVD steps (T)."})
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.loftq_bits not in BITS:
+            problems.append(f"loftq_bits={self.loftq_bits!r} is not one of 4 (NF4), 8 (int8), as in peft.")
+        if not isinstance(self.loftq_iter, int) or self.loftq_iter < 1:
+            problems.append(f"loftq_iter={self.loftq_iter!r} must be an integer >= 1 (typical: 1 to 5).")
+        if problems:
+            raise ConfigError("Invalid LoftQConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@torch.no_grad()
+def loftq_factors(
+    weight: torch.Tensor, bits: int, r: int, iters: int, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequant(Q) (out, in), A (r, in), B (out, r)) of Algorithm 1 for ``weight`` (out, in), in float32, with
+    s B A the rank-r SVD of W - Q."""
+    w = weight.detach().float()
+    low = torch.zeros_like(w)
+    for _ in range(iters):
+        q = Q.roundtrip(w - low, BITS[bits])  # (out, in)
+        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+        root = s[:r].sqrt()  # (r,)
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in)
+        low = b @ a
+    norm = math.sqrt(scaling)
+    return q, a / norm, b / norm
+
+
+def settings(config: object) -> LoftQConfig:
+    """The LoftQConfig a LoraConfig carries in ``loftq_config`` (a LoftQConfig or peft's dict)."""
+    raw = getattr(config, "loftq_config", None)
+    if isinstance(raw, LoftQConfig):
+        return raw
+    if isinstance(raw, dict) and raw:
+        return LoftQConfig(**raw)
+    raise ConfigError(
+        "init_lora_weights='loftq' needs loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1) (as in peft)."
+    )
+
+
+def check(model: nn.Module, config: object, targets: list[str]) -> None:
+    """ConfigError before anything changes: LoftQ rewrites float nn.Linear weights, one DoRA-free LoRA per layer."""
+    settings(config)
+    if getattr(config, "use_dora", False):
+        raise ConfigError("init_lora_weights='loftq' with use_dora=True is not supported; drop one of them.")
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if type(base) is not nn.Linear or not base.weight.is_floating_point():
+            raise ConfigError(
+                f"init_lora_weights='loftq' cannot initialise {name!r} ({type(base).__name__}): LoftQ quantizes a "
+                "float nn.Linear weight itself. Apply it to the unquantized model, save it, then load it quantized "
+                "(or peftkit.integrations.kbit.quantize_model); exclude other modules with exclude_modules."
+            )
+
+
+@torch.no_grad()
+def initialise(model: nn.Module, config: object, adapter_name: str, targets: list[str]) -> None:
+    """Algorithm 1 on every wrapped target: base weight <- dequant(Q), A and B <- the SVD factors."""
+    loftq = settings(config)
+    for name in targets:
+        layer = model.get_submodule(name)
+        base = layer.get_base_layer()
+        q, a, b = loftq_factors(
+            base.weight, loftq.loftq_bits, layer.r[adapter_name], loftq.loftq_iter, layer.scaling[adapter_name]
+        )
+        base.weight.copy_(q.to(base.weight.dtype))
+        layer.lora_A[adapter_name].weight.copy_(a)
+        layer.lora_B[adapter_name].weight.copy_(b)
