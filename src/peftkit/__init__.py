@@ -47,7 +47,8 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
-from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora import EvaConfig, LoraConfig
+from peftkit.methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -73,6 +74,7 @@ __all__ = [
     "BottleneckConfig",
     "CompacterConfig",
     "DiffPruningConfig",
+    "EvaConfig",
     "Fusion",
     "IA3Config",
     "LNTuningConfig",
@@ -103,12 +105,14 @@ __all__ = [
     "cast_mixed_precision_params",
     "chunked_causal_lm_loss",
     "create_loraplus_optimizer",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
     "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "method_names",

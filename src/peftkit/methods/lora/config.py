@@ -3,16 +3,40 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from peftkit.core.targeting import TargetingConfig
-from peftkit.errors import choices
+from peftkit.errors import ConfigError, choices
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva")
 # peft 0.21's other initialisations (data- or weight-driven): refused by name until peftkit implements them.
-PEFT_ONLY_INITS = ("loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
+PEFT_ONLY_INITS = ("loftq", "corda", "orthogonal", "mica", "lora_ga")
+
+
+@dataclass(kw_only=True)
+class EvaConfig:
+    """EVA's settings (``init_lora_weights="eva"``; Paischer et al. 2024, "One Initialization to Rule them All:
+    Fine-tuning via Explained Variance Adaptation"), with peft's names and defaults; see methods/lora/eva.py."""
+
+    rho: float = field(default=2.0, metadata={"help": "Rank redistribution: a layer may take up to round(r * rho)."})
+    tau: float = field(default=0.99, metadata={"help": "Stop once the components' cosine similarity reaches tau."})
+    use_label_mask: bool = field(default=True, metadata={"help": "Leave out tokens whose label is label_mask_value."})
+    label_mask_value: int = field(default=-100, metadata={"help": "The label of tokens left out of the SVD."})
+    whiten: bool = field(default=False, metadata={"help": "Divide each component by sqrt(its singular value)."})
+    adjust_scaling_factors: bool = field(
+        default=True, metadata={"help": "alpha *= new r / r where EVA changed a layer's rank (same gradient scale)."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.rho >= 1.0:
+            problems.append(f"rho={self.rho!r} must be >= 1.0 (1.0: no rank redistribution).")
+        if not 0.0 <= self.tau <= 1.0:
+            problems.append(f"tau={self.tau!r} must be in [0, 1] (a cosine similarity; peft's default 0.99).")
+        if problems:
+            raise ConfigError("Invalid EvaConfig:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(kw_only=True)
@@ -54,7 +78,6 @@ class LoraConfig(TargetingConfig):
     foreign_defaults: ClassVar[dict[str, Any]] = {
         "layer_replication": None,
         "loftq_config": {},
-        "eva_config": None,
         "corda_config": None,
         "use_qalora": False,
         "qalora_group_size": 16,
@@ -83,7 +106,8 @@ class LoraConfig(TargetingConfig):
         default=True,
         metadata={
             "help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random; 'pissa', "
-            "'pissa_niter_<n>', 'olora': from the base weight's SVD / QR (the residual stays in the base weight)."
+            "'pissa_niter_<n>', 'olora': from the base weight's SVD / QR (the residual stays in the base weight); "
+            "'eva': B = 0, then A from the activations' SVD (initialize_lora_eva_weights)."
         },
     )
     lora_bias: bool = field(
@@ -104,6 +128,13 @@ class LoraConfig(TargetingConfig):
             "output; Linear, GPT-2 Conv1D, Embedding and (ungrouped) Conv1d/2d/3d."
         },
     )
+    eva_config: EvaConfig | dict | None = field(
+        default=None,
+        metadata={
+            "help": "EVA's settings (init_lora_weights='eva'): rho, tau, use_label_mask, label_mask_value, whiten, "
+            "adjust_scaling_factors; then initialize_lora_eva_weights(model, dataloader)."
+        },
+    )
     target_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -118,6 +149,19 @@ class LoraConfig(TargetingConfig):
     alpha_pattern: dict[str, float] = field(
         default_factory=dict, metadata={"help": "Per-module alpha: {name-or-regex: alpha}."}
     )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eva_config, dict):  # adapter_config.json holds it as a dict (peft's layout)
+            self.eva_config = EvaConfig(**self.eva_config)
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            self.eva_config = EvaConfig()  # peft warns and uses the defaults
+        super().__post_init__()
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if isinstance(self.eva_config, EvaConfig):
+            out["eva_config"] = asdict(self.eva_config)
+        return out
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -170,11 +214,12 @@ def _niter(init: object) -> int | None:
 def _init_problems(init: object) -> list[str]:
     """init_lora_weights must be one of INIT_CHOICES (an int such as 1 is not True); peft's other values are named
     as not implemented, anything else as unknown."""
-    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora") or _niter(init) is not None:
+    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "eva") or _niter(init) is not None:
         return []
     supported = (
         "True (A Kaiming-uniform, B = 0), False (random A and B), 'gaussian' (A ~ N(0, 1/r), B = 0), 'pissa' / "
-        "'pissa_niter_<n>' (principal singular vectors) or 'olora' (QR)"
+        "'pissa_niter_<n>' (principal singular vectors), 'olora' (QR) or 'eva' (from activations, then "
+        "initialize_lora_eva_weights)"
     )
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         return [f"init_lora_weights={init!r}: the number of iterations must be an integer >= 0, as in 'pissa_niter_4'."]
