@@ -272,3 +272,29 @@ def test_real_instruction_data_trains_on_the_answers(name, smol_tokenizer):
         trained = [t for t in enc["labels"] if t != IGNORE]
         assert smol_tokenizer.decode(trained) == row[answer] + "<|im_end|>"
     assert "loss on" in lines[1]
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+def test_cli_trains_on_a_chat_jsonl_with_packing(tmp_path, capsys):
+    import yaml
+
+    from peftkit.cli.main import main
+
+    llama = T.llama_folder(tmp_path / "llama")
+    rows = [
+        {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+        for r in T.instruction_rows(40)
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "--model", llama, "--data", data, "--output-dir", tmp_path / "run", "--packing",
+            "--max-length", "64", "--max-steps", "3", "--threads", "1", "--no-progress", "--lr", "3e-2",
+            "--r", "4", "--target-modules", "q_proj,v_proj"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert "36 training rows, 4 dev rows; task causal_lm (messages); columns: messages='messages'" in out
+    assert "packing: 36 examples in" in out
+    used = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    assert used["packing"] is True and used["group_by_length"] is False
