@@ -1,4 +1,4 @@
-"""Text-to-image LoRA training for Stable Diffusion (noise prediction with a DDPM scheduler), CPU-sized.
+"""Text-to-image LoRA / LoHa / LoKr training for Stable Diffusion (noise prediction with a DDPM scheduler), CPU-sized.
 
 The UNet and the CLIP text encoder are tiny random models built from configs with SD 1.5's block structure, and
 the "images" are synthetic 4x8x8 latents (one pattern per prompt), so the script runs in seconds anywhere.
@@ -8,6 +8,7 @@ With a real pipeline you would take ``pipe.unet`` / ``pipe.text_encoder``, encod
 |ε - ε_θ(x_t, t, text)|².
 
     python examples/train_sd_lora.py --steps 60 --out sd_lora.safetensors
+    python examples/train_sd_lora.py --method loha --out sd_loha.safetensors   # a LyCORIS file (kohya layout)
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from peftkit import get_peft_model
-from peftkit.integrations.diffusers import save_lora, sd_lora_config
+from peftkit import LoHaConfig, LoKrConfig, get_peft_model
+from peftkit.integrations.diffusers import PRESETS, save_lora, sd_lora_config
+from peftkit.integrations.lycoris import write_lycoris
 
 PROMPTS = {"a red square": 0, "a blue circle": 1, "a green line": 2}  # prompt -> pattern index
+METHODS = ("lora", "loha", "lokr")
 
 
 def tiny_unet(seed: int = 0):
@@ -87,14 +90,34 @@ def diffusion_loss(unet, text_encoder, scheduler, prompts: list[str], gen: torch
     return F.mse_loss(pred, noise)
 
 
-def main(steps: int = 60, rank: int = 8, lr: float = 3e-3, batch: int = 6, out: str | None = None, seed: int = 0):
-    """Train UNet + text-encoder LoRA; return the training losses and a fixed evaluation loss before / after."""
+def adapter_config(method: str, preset: str, rank: int, alpha: float):
+    """LoRA through sd_lora_config; LoHa / LoKr (LyCORIS) on the same modules (peft's LoHaConfig / LoKrConfig)."""
+    if method == "lora":
+        return sd_lora_config(preset, r=rank, alpha=alpha)
+    config_class = {"loha": LoHaConfig, "lokr": LoKrConfig}[method]
+    return config_class(r=rank, alpha=alpha, target_modules=PRESETS[preset])
+
+
+def main(
+    steps: int = 60,
+    rank: int = 8,
+    lr: float = 3e-3,
+    batch: int = 6,
+    out: str | None = None,
+    seed: int = 0,
+    method: str = "lora",
+    return_models: bool = False,
+):
+    """Train UNet + text-encoder adapters (``method``: 'lora', 'loha' or 'lokr'); return the training losses and a
+    fixed evaluation loss before / after (and the trained models with ``return_models``)."""
     from diffusers import DDPMScheduler
 
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not one of {METHODS}.")
     torch.manual_seed(seed)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    unet = get_peft_model(tiny_unet(), sd_lora_config("sd-unet-transformer", r=rank, alpha=rank))
-    text_encoder = get_peft_model(tiny_text_encoder(), sd_lora_config("sd-text-encoder", r=rank // 2))
+    unet = get_peft_model(tiny_unet(), adapter_config(method, "sd-unet-transformer", rank, rank))
+    text_encoder = get_peft_model(tiny_text_encoder(), adapter_config(method, "sd-text-encoder", rank // 2, rank // 2))
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     prompts = [list(PROMPTS)[i % len(PROMPTS)] for i in range(batch)]
@@ -114,9 +137,13 @@ def main(steps: int = 60, rank: int = 8, lr: float = 3e-3, batch: int = 6, out: 
         losses.append(loss.item())
     unet.eval(), text_encoder.eval()
     after = evaluate()
-    if out:  # one kohya / A1111 file holding both components' LoRA
-        save_lora(SimpleNamespace(unet=unet, text_encoder=text_encoder), out, "default", format="kohya")
-    return {"losses": losses, "eval_before": before, "eval_after": after}
+    pipe = SimpleNamespace(unet=unet, text_encoder=text_encoder)
+    if out and method == "lora":  # one kohya / A1111 file holding both components' LoRA
+        save_lora(pipe, out, "default", format="kohya")
+    elif out:  # one LyCORIS file (kohya's key layout, hada_* / lokr_* tensors)
+        write_lycoris(pipe, out, "default")
+    result = {"losses": losses, "eval_before": before, "eval_after": after}
+    return {**result, "pipe": pipe} if return_models else result
 
 
 if __name__ == "__main__":
@@ -124,9 +151,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", default=None, help="write the LoRA as a kohya .safetensors file")
+    parser.add_argument("--method", choices=METHODS, default="lora", help="LoRA, or LyCORIS' LoHa / LoKr")
+    parser.add_argument("--out", default=None, help="write the adapter as a kohya / LyCORIS .safetensors file")
     args = parser.parse_args()
-    result = main(args.steps, args.rank, args.lr, out=args.out)
+    result = main(args.steps, args.rank, args.lr, out=args.out, method=args.method)
     first, last = result["losses"][:10], result["losses"][-10:]
     print(f"train loss {sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f}")
     print(f"eval loss  {result['eval_before']:.4f} -> {result['eval_after']:.4f}")

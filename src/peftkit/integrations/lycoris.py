@@ -15,16 +15,26 @@ error), and the product is only computed once the caller has checked that shape 
 It is then an exact LoRA of rank min(out, n) (B = ΔW, A = I when n <= out, else B = I, A = ΔW; scale 1): merging
 adds exactly ΔW, scales and unfusing work as for any LoRA; the cost is one weight-sized tensor per module (LoHa /
 LoKr files are small, the loaded adapter is not).
+
+Writing (:func:`write_lycoris`): a pipeline's trained LoHa / LoKr adapters (methods/loha.py, methods/lokr.py, whose
+tensors already carry LyCORIS' names) as one kohya-layout file: ``lora_unet_<stem>.hada_w1_a`` ...,
+``lora_te_<stem>...`` and ``<stem>.alpha``, with alpha chosen so that the reader's alpha / r is the layer's scale
+(a LoKr with both factors full, which readers scale by 1, gets the scale folded into ``lokr_w1``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from peftkit.core.factorised import tucker
+from peftkit.core.factorised import FactorisedLayer, tucker
+from peftkit.core.merge import adapter_layers
 from peftkit.errors import CheckpointError, choices
 from peftkit.integrations.factors import DeltaLora
 
@@ -120,3 +130,85 @@ def full(name: str, diff: torch.Tensor) -> DeltaLora:
     """A stored full delta (``diff``), flattened to (out, n)."""
     shape = matrix_shape(name, "diff", diff)
     return DeltaLora(name, shape, lambda: diff.float().flatten(1))
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def module_tensors(layer: FactorisedLayer, adapter_name: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(algo, {suffix: tensor}) of one LoHa / LoKr layer's adapter, alpha included, as LyCORIS readers scale it."""
+    parts = {k: v.detach().float().cpu() for k, v in layer.adapter_state_dict(adapter_name).items()}
+    scale = layer.scaling[adapter_name]
+    if "hada_w1_b" in parts:
+        return "loha", {**parts, "alpha": torch.tensor(scale * parts["hada_w1_b"].shape[0])}
+    rank_of = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+    if rank_of is None:  # both factors full: readers use scale 1, so the scale goes into w1
+        return "lokr", {**parts, "lokr_w1": parts["lokr_w1"] * scale}
+    return "lokr", {**parts, "alpha": torch.tensor(scale * rank_of.shape[0])}
+
+
+def component_modules(component: nn.Module, adapter_name: str) -> dict[str, tuple[str, dict[str, torch.Tensor]]]:
+    """{module path: (algo, tensors)} of every LoHa / LoKr layer of a UNet / text encoder holding the adapter."""
+    out = {}
+    for path, layer in adapter_layers(component):
+        if isinstance(layer, FactorisedLayer) and adapter_name in layer.adapter_names:
+            out[path] = module_tensors(layer, adapter_name)
+    return out
+
+
+def write_lycoris(pipe: Any, path: str | Path, adapter_name: str = "default", title: str = "lycoris") -> None:
+    """Write the LoHa / LoKr adapter ``adapter_name`` of a pipeline's UNet and text encoder(s) (``pipe.unet``...,
+    PeftModels or models with peftkit layers) as one kohya / LyCORIS .safetensors file, which
+    :func:`peftkit.integrations.diffusers.load_lora` and kohya's tools read."""
+    from peftkit.integrations import kohya  # kohya imports this module for reading
+
+    tensors, algos = {}, set()
+    components = {c: getattr(pipe, c) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)}
+    sdxl = "text_encoder_2" in components
+    for c, component in components.items():
+        model = getattr(component, "model", component)  # a PeftModel's wrapped model
+        modules = component_modules(model, adapter_name)
+        names = _unet_names(model, list(modules)) if c == "unet" and sdxl else {}
+        for module_path, (algo, parts) in modules.items():
+            algos.add(algo)
+            stem = _stem(c, names.get(module_path, module_path), sdxl, kohya.path_to_stem)
+            tensors.update({f"{stem}.{suffix}": t for suffix, t in parts.items()})
+    if not tensors:
+        raise CheckpointError(
+            f"No LoHa / LoKr adapter {adapter_name!r} in the pipeline's {choices(components)}; train one with "
+            "LoHaConfig / LoKrConfig (LoRA adapters are written by diffusers.save_lora(format='kohya'))."
+        )
+    kohya.write_file(tensors, path, _metadata(tensors, sorted(algos), title, sdxl))
+
+
+def _stem(component: str, module_path: str, sdxl: bool, to_stem: Callable[[str], str]) -> str:
+    if component == "unet":
+        return f"lora_unet_{to_stem(module_path)}"
+    if not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path  # transformers 5 CLIPTextModel drops it; kohya keys keep it
+    prefix = {"text_encoder": "lora_te1" if sdxl else "lora_te", "text_encoder_2": "lora_te2"}[component]
+    return f"{prefix}_{to_stem(module_path)}"
+
+
+def _unet_names(unet: nn.Module, paths: list[str]) -> dict[str, str]:
+    """SDXL: kohya spells UNet paths as LDM / SGM (see kohya.ldm_unet_names)."""
+    from peftkit.integrations import kohya
+
+    up_attn = {i: hasattr(b, "attentions") for i, b in enumerate(unet.up_blocks)}
+    return kohya.ldm_unet_names(paths, unet.config.layers_per_block, up_attn)
+
+
+def _metadata(tensors: dict[str, torch.Tensor], algos: list[str], title: str, sdxl: bool) -> dict[str, str]:
+    """kohya's ss_* fields as LyCORIS writes them (network module lycoris.kohya, the algorithm in the args)."""
+    ranks = [t.shape[0] for k, t in tensors.items() if k.endswith(("hada_w1_b", "lokr_w2_b", "lokr_w1_b"))]
+    alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
+    return {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_args": json.dumps({"algo": algos[0] if len(algos) == 1 else algos}),
+        "ss_network_dim": str(ranks[0] if ranks else "full"),
+        "ss_network_alpha": str(alphas[0] if alphas else 1.0),
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_output_name": title,
+        "modelspec.title": title,
+    }
