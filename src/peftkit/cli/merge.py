@@ -9,6 +9,7 @@ import typer
 from peftkit.cli.common import base_model_ref, load_adapted, run_info
 from peftkit.core.config import CONFIG_NAME
 from peftkit.errors import CheckpointError, ConfigError
+from peftkit.integrations import kbit
 from peftkit.train.output_dir import writable_dir
 
 
@@ -16,6 +17,9 @@ def merge(
     adapter: str = typer.Argument(..., help="Adapter folder (the output of `peftkit train` or save_pretrained)."),
     output: str = typer.Argument(..., help="Folder to write the merged model and its tokenizer to."),
     model: str | None = typer.Option(None, "--model", help="Base model (default: the one the adapter names)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="bf16|fp16|fp32: merge in fp32 into the (dequantized) base weights, save in this dtype."
+    ),
 ) -> None:
     """Merge ADAPTER into its base model: OUTPUT loads with AutoModel*.from_pretrained, no peftkit needed.
 
@@ -31,7 +35,10 @@ def merge(
     check_output_apart(Path(adapter), model, Path(output))
     writable_dir(output, "OUTPUT")
     adapted = load_adapted(adapter, model)
-    merged = adapted.model.merge_and_unload()
+    if dtype:  # an adapter trained with --quantize merges into dequant(Q(W)), the weights it saw
+        merged = kbit.export_merged(adapted.model, dtype, kbit.recorded_quantization(adapter))
+    else:
+        merged = adapted.model.merge_and_unload()
     merged.save_pretrained(output)
     adapted.tokenizer.save_pretrained(output)
     typer.echo(f"merged {adapter} into {adapted.base} -> {output} ({type(merged).__name__})")
