@@ -467,3 +467,32 @@ def test_loftq_beats_plain_quantization_and_improves_with_iterations(bits, quant
         errors.append(float((w - (q + 2.0 * b @ a)).norm()))  # ||W - (Q + s B A)||
     assert errors[0] < plain
     assert errors[2] < errors[1] < errors[0]
+
+
+# ---- the CLI: peftkit merge --dtype ----------------------------------------------------------------------------------
+def test_cli_merge_dtype_exports_the_dequantized_merge(tmp_path, capsys):
+    import tiny_runs as T
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.cli.main import main
+    from peftkit.integrations.kbit import quantize_model
+
+    folder = tmp_path / "base"
+    tok = T.tokenizer(folder)
+    tiny_llama(vocab_size=len(tok), hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    quantized = exact_cpu_kernel(quantize_model(AutoModelForCausalLM.from_pretrained(folder), "nf4", torch.float32))
+    pm = get_peft_model(quantized, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    perturb(pm, scale=0.05)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "train_config.yaml").write_text(f"model: {folder}\nquantize: nf4\n")  # as train records
+    inputs = {"input_ids": torch.randint(5, 40, (3, 7), generator=torch.Generator().manual_seed(0))}
+    expected = logits(pm.eval(), inputs)
+    for dtype, tol in (("fp32", 1e-4), ("bf16", 5e-2)):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["merge", str(tmp_path / "adapter"), str(tmp_path / dtype), "--dtype", dtype])
+        assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / dtype, dtype="auto").eval()
+        assert {p.dtype for p in merged.parameters()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
+        assert not any(Q.is_quantized(m) for m in merged.modules())
+        torch.testing.assert_close(logits(merged, inputs), expected, atol=tol, rtol=tol)

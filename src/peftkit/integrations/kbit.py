@@ -18,6 +18,8 @@ without the rounding a merge into 4 bits adds.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -31,11 +33,20 @@ HEADS = ("lm_head", "classifier", "score", "qa_outputs")  # kept in float: they 
 def _targets(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, layer) for every plain nn.Linear outside the heads and the output embeddings."""
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    adapters = {  # an adapter's own Linear layers (LoRA's A and B) are never base weights
+        id(sub)
+        for layer in model.modules()
+        if isinstance(layer, AdapterLayer)
+        for attr in layer.adapter_param_names
+        for sub in getattr(layer, attr).modules()
+    }
     found = []
     for parent_name, parent in model.named_modules():
         for attr, child in parent.named_children():
             name = f"{parent_name}.{attr}" if parent_name else attr
-            if type(child) is nn.Linear and child is not out_emb and not any(p in HEADS for p in name.split(".")):
+            if type(child) is not nn.Linear or id(child) in adapters or child is out_emb:
+                continue
+            if not any(p in HEADS for p in name.split(".")):
                 found.append((parent, attr, child))
     return found
 
@@ -140,3 +151,28 @@ def forget_quantization(model: nn.Module) -> nn.Module:
     if config is not None and hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     return model
+
+
+EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def recorded_quantization(adapter_folder: str | Path) -> str | None:
+    """The ``--quantize`` a ``peftkit train`` run recorded in train_config.yaml next to the adapter, or None."""
+    for folder in (Path(adapter_folder), Path(adapter_folder).parent):
+        settings = folder / "train_config.yaml"
+        if settings.is_file():
+            import yaml
+
+            return (yaml.safe_load(settings.read_text()) or {}).get("quantize")
+    return None
+
+
+def export_merged(peft_model: nn.Module, dtype: str, quantize: str | None = None) -> nn.Module:
+    """A plain model in ``dtype`` ('bf16', 'fp16', 'fp32') with the adapter merged exactly: W' = dequant(Q(W)) + s B A
+    when the adapter was trained on a ``quantize`` base (the weights it saw, rebuilt from the float base), else
+    W + s B A; the merge runs in float32 and the result is cast once (``peftkit merge --dtype``)."""
+    if dtype not in EXPORT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {choices(EXPORT_DTYPES)}; bf16 halves the file size.")
+    if quantize:
+        fake_quantize(peft_model.model, quantize)
+    return merge_dequantized(peft_model, EXPORT_DTYPES[dtype])
