@@ -38,20 +38,22 @@ def grads_of(loss: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, tensors))
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["grads-in-forward", "recompute-in-backward"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
-def test_loss_and_gradients_equal_the_full_logits_computation(chunk):
+def test_loss_and_gradients_equal_the_full_logits_computation(chunk, recompute):
     hidden, weight, bias, labels = problem()
-    want = full_loss(hidden, weight, bias, labels)
-    got = chunked_causal_lm_loss(hidden, weight, labels, chunk, bias=bias)
+    want = full_loss(hidden, weight, bias, labels) * 3  # a scaled loss: backward's incoming gradient is not 1
+    got = chunked_causal_lm_loss(hidden, weight, labels, chunk, bias=bias, recompute=recompute) * 3
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(grads_of(got, hidden, weight, bias), grads_of(want, hidden, weight, bias), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_num_items_in_batch_divides_the_summed_loss_and_ignored_rows_get_no_gradient():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_num_items_in_batch_divides_the_summed_loss_and_ignored_rows_get_no_gradient(recompute):
     hidden, weight, _, labels = problem(1)
     want = full_loss(hidden, weight, None, labels, num_items=50)
-    got = chunked_causal_lm_loss(hidden, weight, labels, 8, num_items_in_batch=50)
+    got = chunked_causal_lm_loss(hidden, weight, labels, 8, num_items_in_batch=50, recompute=recompute)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     (grad_h,) = grads_of(got, hidden)
     assert grad_h[0, :8].abs().max() == 0  # positions 0..7 predict masked labels 1..8
@@ -77,6 +79,7 @@ def test_only_hidden_and_row_statistics_are_kept_for_backward():
 
     sizes = {}
     for name, fn in (("chunked", lambda: chunked_causal_lm_loss(hidden, weight, labels, 16)),
+                     ("recompute", lambda: chunked_causal_lm_loss(hidden, weight, labels, 16, recompute=True)),
                      ("full", lambda: full_loss(hidden, weight, None, labels))):  # fmt: skip
         kept.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -84,7 +87,8 @@ def test_only_hidden_and_row_statistics_are_kept_for_backward():
         sizes[name] = sum(kept.values())
     logits_bytes = 2 * 37 * 4000 * 4
     assert sizes["full"] >= logits_bytes  # log-softmax's output (and the logits too where they are upcast)
-    assert sizes["chunked"] <= hidden.numel() * 4 + 2 * 37 * 16  # hidden + lse + targets
+    assert sizes["chunked"] <= hidden.numel() * 4 + weight.numel() * 4  # dL/dh and dL/dW (W trains here)
+    assert sizes["recompute"] <= hidden.numel() * 4 + 2 * 37 * 16  # hidden + lse + targets
 
 
 def test_bad_arguments_are_refused_by_name():

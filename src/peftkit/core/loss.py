@@ -2,12 +2,13 @@
 
 loss = sum_t [lse(z_t) - z_t[y_t]] / n  over tokens t with y_t != ignore_index, z_t = W h_t (+ b), lse = logsumexp,
 n the number of such tokens (or ``num_items_in_batch``, as transformers divides under gradient accumulation).
-The usual way keeps the (tokens, vocab) fp32 logits and log-softmax's output of the same size for backward: 400 MB
-each for SmolLM2's 49,152-token vocabulary at 4 x 512 tokens. Here forward computes z a chunk of rows at a time and
-keeps only h (a view of the hidden states the model gives), lse (tokens,) and the targets; backward recomputes each
-chunk's logits and uses dL/dz_t = (softmax(z_t) - onehot(y_t)) / n (the fused linear cross-entropy of Liger, Hsu et
-al. 2024, section 3.1). Labels are shifted inside (position t predicts t + 1), as transformers' causal-LM loss does,
-so -100 from packing or an assistant-only mask simply leaves tokens out.
+The usual way keeps log-softmax's (tokens, vocab) fp32 output for backward (and the logits too where they are
+upcast from bf16): 400 MB each for SmolLM2's 49,152-token vocabulary at 4 x 512 tokens. Here z is computed a chunk
+of rows at a time, never whole, with dL/dz_t = (softmax(z_t) - onehot(y_t)) / n: either in forward, keeping dL/dh
+(the size of h) for backward to scale (the default: the fused linear cross-entropy of Liger, Hsu et al. 2024,
+section 3.1), or keeping h and lse (tokens,) and recomputing each chunk's logits in backward (``recompute=True``).
+Labels are shifted inside (position t predicts t + 1), as transformers' causal-LM loss does, so -100 from packing
+or an assistant-only mask simply leaves tokens out.
 """
 
 from __future__ import annotations
@@ -33,57 +34,99 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class ChunkedCausalLMLoss(torch.autograd.Function):
-    """Sum over the rows of (lse(z) - z[y]) / n for z = h W^T + b computed ``chunk`` rows at a time."""
+    """Sum over the rows of (lse(z) - z[y]) / n for z = h W^T + b computed ``chunk`` rows at a time.
+
+    By default the gradients are computed in forward, chunk by chunk, while each chunk's logits are live, and kept
+    (dL/dh is (N, H), the size of h; dL/dW only when W trains); backward scales them by the incoming gradient: no
+    logits GEMM is done twice (Liger's way). ``recompute``: keep h and lse instead and recompute each chunk's logits
+    in backward (one more GEMM over the vocabulary; nothing computed for a forward that never sees a backward)."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, ignore_index: int, divisor: float) -> torch.Tensor:  # fmt: skip
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int, ignore_index: int, divisor: float, recompute: bool) -> torch.Tensor:  # fmt: skip
         # hidden (N, H), weight (V, H), targets (N,) long
+        need = ctx.needs_input_grad[:3]
+        ctx.eager = not recompute and any(need)
+        grads = _zeros(hidden, weight, bias, need) if ctx.eager else [None] * 3
         lse = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)  # (N,)
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            y = targets[rows]
-            valid = y != ignore_index
-            if not bool(valid.any()):
-                continue
+        for rows, y, valid in _chunks(targets, chunk, ignore_index):
             z = _chunk_logits(hidden[rows], weight, bias)  # (c, V)
             lse[rows] = torch.logsumexp(z, dim=-1)
             picked = z.gather(1, y.clamp(min=0)[:, None])[:, 0]  # (c,)
             total += torch.where(valid, lse[rows] - picked, 0.0).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            if ctx.eager:
+                _accumulate(grads, hidden, weight, rows, z, lse[rows], y, valid, 1.0 / divisor)
+        if ctx.eager:
+            ctx.save_for_backward(_cast(grads[0], hidden), _cast(grads[1], weight), _cast(grads[2], bias))
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.ignore_index, ctx.divisor = chunk, ignore_index, divisor
         ctx.autocast = (hidden.device.type, torch.is_autocast_enabled(hidden.device.type))
         return total / divisor
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        scale = grad / ctx.divisor
-        device, autocast = ctx.autocast
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            y = targets[rows]
-            valid = y != ctx.ignore_index
-            if not bool(valid.any()):
-                continue
-            h = hidden[rows]
-            with torch.autocast(device, enabled=autocast) if autocast else contextlib.nullcontext():
-                z = _chunk_logits(h, weight, bias)  # (c, V)
-            dz = torch.exp(z - lse[rows, None])  # softmax (c, V)
-            dz.scatter_add_(1, y.clamp(min=0)[:, None], -torch.ones_like(dz[:, :1]))
-            dz.mul_((valid * scale)[:, None])  # ignored rows: 0
-            if grad_h is not None:
-                grad_h[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += dz.T @ h.float()
-            if grad_b is not None:
-                grad_b += dz.sum(0)
-        return grad_h, _cast(grad_w, weight), _cast(grad_b, bias), None, None, None, None
+        if ctx.eager:
+            grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.saved_tensors]
+        else:
+            grads = _recomputed(ctx, grad / ctx.divisor)
+        return *grads, None, None, None, None, None
+
+
+def _chunks(targets: torch.Tensor, chunk: int, ignore_index: int) -> Any:
+    """(rows slice, targets, kept mask) per chunk of ``chunk`` rows, chunks whose every target is ignored left out."""
+    for start in range(0, targets.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        y = targets[rows]
+        valid = y != ignore_index
+        if bool(valid.any()):
+            yield rows, y, valid
+
+
+def _zeros(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, need: tuple) -> list:
+    """Gradient accumulators for (hidden, weight (fp32), bias (fp32)), None where no gradient is needed."""
+    return [
+        torch.zeros_like(hidden) if need[0] else None,
+        torch.zeros_like(weight, dtype=torch.float32) if need[1] else None,
+        torch.zeros_like(bias, dtype=torch.float32) if need[2] and bias is not None else None,
+    ]
+
+
+def _accumulate(
+    grads: list,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: slice,
+    z: torch.Tensor,
+    lse: torch.Tensor,
+    y: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float | torch.Tensor,
+) -> None:
+    """Add one chunk's share: dL/dz = (softmax(z) - onehot(y)) * scale on kept rows, 0 on ignored ones."""
+    dz = torch.exp(z - lse[:, None])  # softmax (c, V)
+    dz.scatter_add_(1, y.clamp(min=0)[:, None], -torch.ones_like(dz[:, :1]))
+    dz.mul_((valid * scale)[:, None])
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h[rows] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # (c, H)
+    if grad_w is not None:
+        grad_w += dz.T @ hidden[rows].float()  # (V, H)
+    if grad_b is not None:
+        grad_b += dz.sum(0)
+
+
+def _recomputed(ctx: Any, scale: torch.Tensor) -> list:
+    """The gradients from kept h and lse, each chunk's logits computed again (``recompute=True``)."""
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    grads = _zeros(hidden, weight, bias, ctx.needs_input_grad[:3])
+    device, autocast = ctx.autocast
+    for rows, y, valid in _chunks(targets, ctx.chunk, ctx.ignore_index):
+        with torch.autocast(device, enabled=autocast) if autocast else contextlib.nullcontext():
+            z = _chunk_logits(hidden[rows], weight, bias)  # (c, V)
+        _accumulate(grads, hidden, weight, rows, z, lse[rows], y, valid, scale)
+    return [_cast(grads[0], hidden), _cast(grads[1], weight), _cast(grads[2], bias)]
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,13 +143,16 @@ def chunked_causal_lm_loss(
     ignore_index: int = -100,
     shift: bool = True,
     num_items_in_batch: int | torch.Tensor | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """transformers' causal-LM loss (mean cross-entropy of ``lm_head(hidden)`` against the next token) without the
     full logits; equal to it to float rounding, gradients to ``hidden``, ``lm_head_weight`` and ``bias`` included.
 
     hidden (B, T, H): the final hidden states (after the last norm); labels (B, T) with ``ignore_index`` where no
     loss is wanted; ``shift``: position t predicts labels[t + 1] (False: labels are already the targets).
-    ``num_items_in_batch``: divide the summed loss by it instead of the count of kept tokens."""
+    ``num_items_in_batch``: divide the summed loss by it instead of the count of kept tokens. ``recompute``: keep the
+    hidden states and recompute each chunk's logits in backward instead of computing the gradients in forward (same
+    memory, one more GEMM over the vocabulary; see :class:`ChunkedCausalLMLoss`)."""
     if chunk_size < 1:
         raise ConfigError(f"chunk_size={chunk_size!r} must be a positive number of tokens, e.g. {CHUNK_SIZE}.")
     if hidden.shape[:-1] != labels.shape:
@@ -123,7 +169,7 @@ def chunked_causal_lm_loss(
     else:
         divisor = float(num_items_in_batch)
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H): a view, the model's own storage
-    return ChunkedCausalLMLoss.apply(flat, lm_head_weight, bias, targets, chunk_size, ignore_index, divisor)
+    return ChunkedCausalLMLoss.apply(flat, lm_head_weight, bias, targets, chunk_size, ignore_index, divisor, recompute)
 
 
 # ---- a transformers causal LM and a batch ------------------------------------------------------------------------
