@@ -169,3 +169,33 @@ def test_misuse_is_refused_by_name():
         EvaConfig(rho=0.5)
     with pytest.raises(ConfigError, match="empty dataloader"):
         get_eva_state_dict(Two(), [], LoraConfig(r=R, target_modules=["a"], init_lora_weights="eva"))
+
+
+def test_an_eva_adapter_routes_per_row_combines_and_reloads_like_any_lora(tmp_path):
+    """Item 5 of issue 19: EVA leaves a plain LoRA with per-layer ranks, so per-row routing, add_weighted_adapter
+    ('cat' over different ranks) and a save / load round trip work as for any LoRA."""
+    base = llama()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(**EVA_LLAMA))
+    initialize_lora_eva_weights(pm, batches())
+    assert len(set(pm.peft_config["default"].rank_pattern.values())) > 1
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    pm.add_adapter("plain", LoraConfig(r=R, target_modules="all-linear", init_lora_weights=False))
+    pm.eval()
+    x = batches()[0]["input_ids"]
+    pm.set_adapter("default")
+    eva_out = pm(input_ids=x).logits
+    pm.set_adapter("plain")
+    plain_out = pm(input_ids=x).logits
+    routed = pm(input_ids=x, adapter_names=["default", "plain", "default", "__base__"]).logits
+    torch.testing.assert_close(routed[0], eva_out[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed[1], plain_out[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed[3], base(input_ids=x).logits[3], atol=1e-5, rtol=0)
+    pm.add_weighted_adapter(["default"], [1.0], "copy", combination_type="cat")
+    pm.set_adapter("copy")
+    torch.testing.assert_close(pm(input_ids=x).logits, eva_out, atol=1e-5, rtol=0)
+    pm.save_pretrained(tmp_path, selected_adapters=["default"])
+    back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(back(input_ids=x).logits, eva_out, atol=1e-5, rtol=0)

@@ -10,7 +10,14 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
@@ -44,6 +51,19 @@ def gpt_oss() -> GptOssForCausalLM:
     return model
 
 
+def qwen3_moe() -> Qwen3MoeForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=12, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=E, num_experts_per_tok=2,
+    )  # fmt: skip
+    return Qwen3MoeForCausalLM(config).eval()
+
+
+MODELS = [mixtral, gpt_oss, qwen3_moe]
+MODEL_IDS = ["mixtral", "gpt_oss", "qwen3_moe"]
+
+
 def ids() -> torch.Tensor:
     return torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
 
@@ -59,7 +79,7 @@ def config(**kw) -> dict:
     }
 
 
-@pytest.mark.parametrize("build", [mixtral, gpt_oss], ids=["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("build", MODELS, ids=MODEL_IDS)
 def test_peftkit_files_load_in_peft_with_equal_outputs_and_keys(build, tmp_path):
     base = build()
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(**config()))
@@ -74,14 +94,18 @@ def test_peftkit_files_load_in_peft_with_equal_outputs_and_keys(build, tmp_path)
     torch.testing.assert_close(out, theirs(input_ids=x).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("build", [mixtral, gpt_oss], ids=["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("build", MODELS, ids=MODEL_IDS)
 def test_peft_files_load_in_peftkit_with_equal_outputs(build, tmp_path):
     base = build()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config(), bias="none")).eval()
-    theirs.save_pretrained(tmp_path)
-    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "theirs")
     x = ids()
-    torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5, rtol=0)
+    expected = theirs(input_ids=x).logits
+    torch.testing.assert_close(ours(input_ids=x).logits, expected, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")  # and peftkit's own round trip
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    torch.testing.assert_close(again(input_ids=x).logits, expected, atol=1e-5, rtol=0)
 
 
 def by_hand(layer: LoraParamWrapper, name: str) -> torch.Tensor:
@@ -97,7 +121,7 @@ def by_hand(layer: LoraParamWrapper, name: str) -> torch.Tensor:
     return torch.stack(deltas)
 
 
-@pytest.mark.parametrize("build", [mixtral, gpt_oss], ids=["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("build", MODELS, ids=MODEL_IDS)
 def test_update_is_one_low_rank_term_per_expert_and_the_model_runs_with_w_plus_delta(build):
     base = build()
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(**config()))
