@@ -12,6 +12,7 @@ from torch import nn
 
 from models import tiny_llama
 from peftkit import LoraConfig, get_peft_model
+from peftkit.errors import ConfigError
 from peftkit.train import TrainConfig, packing, train
 from peftkit.train import data as D
 
@@ -138,3 +139,12 @@ def test_packing_and_group_by_length_train(files, tmp_path):
     grouped = train(lm_config(files, tmp_path / "grouped", group_by_length=True))
     assert grouped.after["loss"] < grouped.before["loss"] - 0.2
     assert grouped.before["loss"] == pytest.approx(packed.before["loss"])  # the dev set is never packed
+
+
+def test_packing_refuses_classification_and_prompt_methods(files):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(files["llama"])
+    with pytest.raises(ConfigError, match=r"--packing with --method 'prefix_tuning'.*lora"):
+        D.prepare(TrainConfig(data=str(files["inst"]), method="prefix_tuning", packing=True), tok)
+    assert D.prepare(TrainConfig(data=str(files["inst"]), packing=True, max_length=64), tok).train[0]["seq_lens"]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from peftkit.core.registry import get_method
 from peftkit.errors import ConfigError, choices
 from peftkit.train import chat, packing
 from peftkit.train.config import TrainConfig
@@ -216,9 +217,9 @@ def prepare(config: TrainConfig, tokenizer, say: Callable[[str], None] | None = 
     columns = detect_columns(train_rows, config)
     say = say or (lambda line: None)
     say(f"data {config.data!r}: {len(train_rows)} training rows, {len(dev_rows)} dev rows; {columns.describe()}")
+    if config.packing:
+        check_packing(config, columns)
     if columns.task == "classification":
-        if config.packing:
-            raise ConfigError("--packing is for causal_lm data (conversations or prompt / response); drop it.")
         return _encode_classes(config, columns, tokenizer, train_rows, dev_rows, say)
     train, dev = (_usable(encode_causal_lm(rows, columns, tokenizer, config.max_length), name, config, say)
                   for rows, name in ((train_rows, "training"), (dev_rows, "dev")))  # fmt: skip
@@ -230,6 +231,23 @@ def prepare(config: TrainConfig, tokenizer, say: Callable[[str], None] | None = 
         say(f"packing: {len(train)} examples in {len(packed)} rows of <= {config.max_length} tokens ({fill:.0%} full)")
         train = packed
     return Encoded(columns, None, train, dev)
+
+
+def check_packing(config: TrainConfig, columns: Columns) -> None:
+    """--packing needs causal-LM rows and a method that leaves the attention mask alone (prompt methods extend a
+    2-D mask; packed batches carry a 4-D one)."""
+    if columns.task == "classification":
+        raise ConfigError("--packing is for causal_lm data (conversations or prompt / response); drop it.")
+    try:
+        method = get_method(config.method)
+    except ConfigError:
+        return  # an unknown method is named when the trainer builds its config
+    if method.prepare_inputs is not None:
+        raise ConfigError(
+            f"--packing with --method {config.method!r}: the method prepends virtual tokens and extends a 2-D "
+            "attention mask, while packed rows carry a 4-D block mask. Drop --packing (--group-by-length also "
+            "cuts padding) or use a method that wraps layers, such as lora."
+        )
 
 
 def _encode_classes(config: TrainConfig, columns: Columns, tokenizer, train_rows: list, dev_rows: list, say) -> Encoded:
