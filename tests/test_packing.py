@@ -148,3 +148,19 @@ def test_packing_refuses_classification_and_prompt_methods(files):
     with pytest.raises(ConfigError, match=r"--packing with --method 'prefix_tuning'.*lora"):
         D.prepare(TrainConfig(data=str(files["inst"]), method="prefix_tuning", packing=True), tok)
     assert D.prepare(TrainConfig(data=str(files["inst"]), packing=True, max_length=64), tok).train[0]["seq_lens"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_float32_mask_works_with_bf16_weights(attention):
+    """--dtype bf16 loads the base in bf16: the float32 4-D mask must still apply. Each example's logits in the
+    packed batch stay within bf16 rounding (0.1) of its logits alone; attending across examples moves them by ~6."""
+    model = tiny_llama(attn_implementation=attention, initializer_range=0.2).to(torch.bfloat16)
+    packed_rows = packing.pack(examples(6, seed=2), max_length=40)
+    batch = D.collate(packed_rows, pad_id=0)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    for b, r in enumerate(packed_rows):
+        start = 0
+        for n in r["seq_lens"]:
+            alone = model(input_ids=torch.tensor([r["input_ids"][start : start + n]])).logits[0].float()
+            assert (logits[b, start : start + n] - alone).abs().max() < 0.1
+            start += n
