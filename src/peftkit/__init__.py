@@ -47,7 +47,8 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.ln_tuning import LNTuningConfig
 from peftkit.methods.loha import LoHaConfig
 from peftkit.methods.lokr import LoKrConfig
-from peftkit.methods.lora import EvaConfig, LoraConfig
+from peftkit.methods.lora import CordaConfig, EvaConfig, LoraConfig
+from peftkit.methods.lora.corda import preprocess_corda
 from peftkit.methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.methods.oft import OFTConfig
@@ -73,6 +74,7 @@ __all__ = [
     "BitFitConfig",
     "BottleneckConfig",
     "CompacterConfig",
+    "CordaConfig",
     "DiffPruningConfig",
     "EvaConfig",
     "Fusion",
@@ -118,6 +120,7 @@ __all__ = [
     "method_names",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
     "set_peft_model_state_dict",
 ]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from peftkit.core.method import Method, Training
 from peftkit.methods.lora import params
 from peftkit.methods.lora.attach import SUPPORTED, dispatch, extra_trainable
-from peftkit.methods.lora.config import BIAS_CHOICES, INIT_CHOICES, EvaConfig, LoraConfig
+from peftkit.methods.lora.config import BIAS_CHOICES, INIT_CHOICES, CordaConfig, EvaConfig, LoraConfig
 from peftkit.methods.lora.conv import LoraConv1d, LoraConv2d, LoraConv3d
 from peftkit.methods.lora.conversion import to_plain_lora
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, factors_of
@@ -35,6 +35,7 @@ __all__ = [
     "INIT_CHOICES",
     "METHOD",
     "SUPPORTED",
+    "CordaConfig",
     "EvaConfig",
     "LoraConfig",
     "LoraConv1d",

@@ -10,9 +10,37 @@ from peftkit.core.targeting import TargetingConfig
 from peftkit.errors import ConfigError, choices
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva", "corda")
 # peft 0.21's other initialisations (data- or weight-driven): refused by name until peftkit implements them.
-PEFT_ONLY_INITS = ("loftq", "corda", "orthogonal", "mica", "lora_ga")
+PEFT_ONLY_INITS = ("loftq", "orthogonal", "mica", "lora_ga")
+CORDA_METHODS = ("ipm", "kpm")
+
+
+@dataclass(kw_only=True)
+class CordaConfig:
+    """CorDA's settings (``init_lora_weights="corda"``, after ``preprocess_corda``), with peft's names and defaults;
+    see methods/lora/corda.py."""
+
+    cache_file: str | None = field(default=None, metadata={"help": "safetensors file for the cropped SVDs (reused)."})
+    covariance_file: str | None = field(
+        default=None, metadata={"help": "safetensors file for the input covariances (reused for other ranks)."}
+    )
+    corda_method: str = field(
+        default="ipm",
+        metadata={"help": "'ipm': the largest context directions train; 'kpm': the smallest (keeps knowledge)."},
+    )
+    verbose: bool = field(default=False, metadata={"help": "peft's progress output (peftkit prints nothing)."})
+    use_float16_for_covariance: bool = field(
+        default=False, metadata={"help": "Accumulate covariances in the inputs' dtype instead of float32."}
+    )
+    prune_temporary_fields: bool = field(default=True, metadata={"help": "peft's clean-up switch (always done)."})
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in CORDA_METHODS:
+            raise ConfigError(
+                f"Invalid CordaConfig: corda_method={self.corda_method!r} is not one of {choices(CORDA_METHODS)} "
+                "('ipm': instruction-previewed, 'kpm': knowledge-preserved)."
+            )
 
 
 @dataclass(kw_only=True)
@@ -78,7 +106,6 @@ class LoraConfig(TargetingConfig):
     foreign_defaults: ClassVar[dict[str, Any]] = {
         "layer_replication": None,
         "loftq_config": {},
-        "corda_config": None,
         "use_qalora": False,
         "qalora_group_size": 16,
         "megatron_config": None,
@@ -107,7 +134,8 @@ class LoraConfig(TargetingConfig):
         metadata={
             "help": "True: B = 0 (identity at start); 'gaussian': A ~ N(0, 1/r); False: random; 'pissa', "
             "'pissa_niter_<n>', 'olora': from the base weight's SVD / QR (the residual stays in the base weight); "
-            "'eva': B = 0, then A from the activations' SVD (initialize_lora_eva_weights)."
+            "'eva': B = 0, then A from the activations' SVD (initialize_lora_eva_weights); 'corda': from the SVD of W "
+            "times the input covariance (preprocess_corda first), the residual in the base weight."
         },
     )
     lora_bias: bool = field(
@@ -135,6 +163,13 @@ class LoraConfig(TargetingConfig):
             "adjust_scaling_factors; then initialize_lora_eva_weights(model, dataloader)."
         },
     )
+    corda_config: CordaConfig | dict | None = field(
+        default=None,
+        metadata={
+            "help": "CorDA's settings (init_lora_weights='corda'): corda_method 'ipm' / 'kpm', cache_file, "
+            "covariance_file; run preprocess_corda(model, config, run_model) before get_peft_model."
+        },
+    )
     target_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -155,12 +190,17 @@ class LoraConfig(TargetingConfig):
             self.eva_config = EvaConfig(**self.eva_config)
         if self.init_lora_weights == "eva" and self.eva_config is None:
             self.eva_config = EvaConfig()  # peft warns and uses the defaults
+        if isinstance(self.corda_config, dict):
+            self.corda_config = CordaConfig(**self.corda_config)
+        if self.init_lora_weights == "corda" and self.corda_config is None:
+            self.corda_config = CordaConfig()
         super().__post_init__()
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if isinstance(self.eva_config, EvaConfig):
-            out["eva_config"] = asdict(self.eva_config)
+        for name in ("eva_config", "corda_config"):  # JSON: peft writes the sub-configs as dicts
+            if isinstance(getattr(self, name), (EvaConfig, CordaConfig)):
+                out[name] = asdict(getattr(self, name))
         return out
 
     def problems(self) -> list[str]:
@@ -214,12 +254,12 @@ def _niter(init: object) -> int | None:
 def _init_problems(init: object) -> list[str]:
     """init_lora_weights must be one of INIT_CHOICES (an int such as 1 is not True); peft's other values are named
     as not implemented, anything else as unknown."""
-    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "eva") or _niter(init) is not None:
+    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "eva", "corda") or _niter(init) is not None:
         return []
     supported = (
         "True (A Kaiming-uniform, B = 0), False (random A and B), 'gaussian' (A ~ N(0, 1/r), B = 0), 'pissa' / "
-        "'pissa_niter_<n>' (principal singular vectors), 'olora' (QR) or 'eva' (from activations, then "
-        "initialize_lora_eva_weights)"
+        "'pissa_niter_<n>' (principal singular vectors), 'olora' (QR), 'eva' (from activations, then "
+        "initialize_lora_eva_weights) or 'corda' (context-oriented SVD, after preprocess_corda)"
     )
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         return [f"init_lora_weights={init!r}: the number of iterations must be an integer >= 0, as in 'pissa_niter_4'."]

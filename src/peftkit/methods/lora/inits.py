@@ -10,6 +10,9 @@ weights.
 OLoRA (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models"): W = Q R (QR
 decomposition), A = R_r (the first r rows), B = Q_r (the first r columns), W <- W - s B A.
 
+CorDA (``init_lora_weights="corda"``, methods/lora/corda.py) fills A and B from a decomposition of W oriented by the
+inputs' covariance, computed beforehand by ``preprocess_corda``; the residual is left in W the same way.
+
 As in peft, the base weight changes: an adapter trained this way applies to the residual model, so loading it runs
 the same initialisation on the original base first (peft does too); ``unload()`` returns the residual model.
 """
@@ -21,13 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from peftkit.errors import ConfigError
+from peftkit.methods.lora import corda
 
 if TYPE_CHECKING:
     from peftkit.methods.lora.layers import LoraLinear
 
 
 def is_weight_init(init: object) -> bool:
-    return isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
+    return isinstance(init, str) and (init in ("pissa", "olora", "corda") or init.startswith("pissa_niter_"))
 
 
 @torch.no_grad()
@@ -49,7 +53,10 @@ def init_from_weight(layer: LoraLinear, name: str, init: str) -> None:
             f"init_lora_weights={init!r} takes r={r} directions from a {tuple(w.shape)} weight, which has only "
             f"{min(w.shape)}; lower r (rank_pattern for this module) or use init_lora_weights=True."
         )
-    a, b = _olora(w, r) if init == "olora" else _pissa(w, r, s, init)
+    if init == "corda":  # from preprocess_corda's decomposition (methods/lora/corda.py)
+        a, b = corda.factors(layer.get_base_layer(), s)
+    else:
+        a, b = _olora(w, r) if init == "olora" else _pissa(w, r, s, init)
     layer.lora_A[name].weight.copy_(a)
     layer.lora_B[name].weight.copy_(b)
     if layer.lora_B[name].bias is not None:  # lora_bias: zero, so the start is still the base model

@@ -34,7 +34,7 @@ from peftkit.core.merge import adapter_layers
 from peftkit.core.method import AdapterHost
 from peftkit.core.targeting import find_targets, iter_free_modules
 from peftkit.errors import ConfigError, RoutingError, TargetNotFoundError
-from peftkit.methods.lora import arithmetic, attach
+from peftkit.methods.lora import arithmetic, attach, corda
 from peftkit.methods.lora import hotswap as lora_hotswap
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layers import LoraLayer
@@ -228,6 +228,8 @@ def _foreign_wrapper(module: nn.Module) -> bool:
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """LoRA's attach: target_modules as ever (methods/lora/attach.py), then target_parameters, in one transaction."""
+    if config.init_lora_weights == "corda":  # every target prepared, before the first weight changes
+        corda.check_prepared(model, config)
     if not config.target_parameters:
         attach.inject(model, config, adapter_name)
         return
