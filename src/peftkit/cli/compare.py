@@ -9,7 +9,6 @@ its error; the others still run.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -17,21 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import typer
 
-from peftkit.cli.options import (
-    HIDDEN_METHOD_FIELDS,
-    build_train_config,
-    extend_signature,
-    method_configs,
-    parse_value,
-    train_parameters,
-)
+from peftkit.cli.options import build_train_config, extend_signature, parse_spec, train_parameters
 from peftkit.core import io
 from peftkit.core.registry import method_names
-from peftkit.errors import ConfigError, PeftkitError, choices
+from peftkit.errors import ConfigError, PeftkitError
 
 COLUMNS = (
     "method",
@@ -41,32 +33,12 @@ COLUMNS = (
     "metric",
     "before",
     "after",
+    "majority",
+    "mcc",
     "train_s",
     "peak_mb",
     "ckpt_kb",
 )
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'lora' or 'lora:r=16,target_modules=[query,value]' -> ('lora', {'r': 16, 'target_modules': [...]})."""
-    name, _, rest = spec.partition(":")
-    configs = method_configs()
-    key = name.strip().lower()
-    if key not in configs:
-        raise ConfigError(f"--method {spec!r}: {name!r} is not a registered method; choose from {choices(configs)}.")
-    hints = get_type_hints(configs[key])
-    valid = [f.name for f in dataclasses.fields(configs[key]) if f.name not in HIDDEN_METHOD_FIELDS]
-    args: dict[str, Any] = {}
-    for item in re.split(r",(?![^\[{]*[\]}])", rest) if rest else []:
-        field, eq, value = item.partition("=")
-        field = field.strip()
-        if not eq or field not in valid:
-            raise ConfigError(
-                f"--method {spec!r}: {field!r} is not a setting of {key}; "
-                f"write name=value with one of {choices(valid)}."
-            )
-        args[field] = parse_value(f"--method {key}:{field}", value.strip(), hints[field])
-    return key, args
 
 
 def compare(
@@ -111,6 +83,9 @@ def _run_one(spec: str, base: Any, out: Path, isolate: bool) -> dict[str, Any]:
         typer.echo(f"{spec}: failed: {err}", err=True)
         return {"method": spec, "error": " ".join(line.strip(" -") for line in str(err).splitlines())}
     metric = "accuracy" if result["task"] == "classification" else "perplexity"
+    note = ""
+    if result["after"].get("predicted_classes") == 1:
+        note = "predicts one class only (the majority baseline)"
     return {
         "method": spec,
         "trainable_params": result["trainable_params"],
@@ -119,6 +94,9 @@ def _run_one(spec: str, base: Any, out: Path, isolate: bool) -> dict[str, Any]:
         "metric": metric,
         "before": result["before"].get(metric),
         "after": result["after"].get(metric),
+        "majority": result.get("majority"),
+        "mcc": result["after"].get("mcc"),
+        "note": note,
         "train_s": result["train_seconds"],
         "peak_mb": result["peak_memory_mb"],
         "ckpt_kb": (folder / io.WEIGHTS_NAME).stat().st_size / 1024,
@@ -164,9 +142,11 @@ def _cell(value: Any) -> str:
 
 
 def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
-    """comparison.csv (raw numbers) and comparison.md (formatted), one row per method."""
+    """comparison.csv (raw numbers) and comparison.md (formatted), one row per method. Classification rows show
+    the majority-class baseline (the accuracy of always answering the commonest dev class) and the dev MCC (0 for
+    such a constant answer) beside accuracy; a method that predicts one class only is flagged in a note column."""
     out.mkdir(parents=True, exist_ok=True)
-    columns = [*COLUMNS, "error"]
+    columns = [*COLUMNS, "note", "error"]
     with open(out / "comparison.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
@@ -179,15 +159,20 @@ def write_tables(rows: list[dict[str, Any]], out: Path) -> None:
         "metric",
         "dev before",
         "dev after",
+        "majority class",
+        "dev MCC",
         "train s",
         "peak MB",
         "checkpoint KB",
     ]
-    if any(r.get("error") for r in rows):
-        heads.append("error")
+    shown = list(COLUMNS)
+    for extra, head in (("note", "note"), ("error", "error")):
+        if any(r.get(extra) for r in rows):
+            shown.append(extra)
+            heads.append(head)
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
-        cells = [f"{r[c]:.0e}" if c == "lr" and r.get(c) else _cell(r.get(c)) for c in columns[: len(heads)]]
+        cells = [f"{r[c]:.0e}" if c == "lr" and r.get(c) else _cell(r.get(c)) for c in shown]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 

@@ -222,6 +222,34 @@ def method_args_from_flags(method: str, values: dict[str, str | None]) -> dict[s
     return out
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'lora' or 'lora:r=16,target_modules=[query,value]' -> ('lora', {'r': 16, 'target_modules': [...]}): the
+    method syntax of `peftkit train --method`, `peftkit compare --method` and the YAML ``method:`` key. Values parse
+    by the field's type, as the method's own flags do."""
+    name, _, rest = spec.partition(":")
+    configs = method_configs()
+    key = name.strip().lower()
+    if key not in configs:
+        raise ConfigError(f"--method {spec!r}: {name!r} is not a registered method; choose from {choices(configs)}.")
+    hints = get_type_hints(configs[key])
+    valid = [f.name for f in dataclasses.fields(configs[key]) if f.name not in HIDDEN_METHOD_FIELDS]
+    args: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[{]*[\]}])", rest) if rest else []:
+        field, eq, value = item.partition("=")
+        field = field.strip()
+        if not eq or field not in valid:
+            raise ConfigError(
+                f"--method {spec!r}: {field!r} is not a setting of {key}; "
+                f"write name=value with one of {choices(valid)}."
+            )
+        args[field] = parse_value(f"--method {key}:{field}", value.strip(), hints[field])
+    return key, args
+
+
+def _method_name(spec: str) -> str:
+    return str(spec).partition(":")[0].strip().lower()
+
+
 def build_train_config(
     values: dict[str, Any], config_file: str | None, demo: bool, extra: dict[str, Any] | None = None
 ) -> TrainConfig:
@@ -232,16 +260,20 @@ def build_train_config(
     settings["method_args"] = dict(settings.get("method_args", {}))
     if config_file:
         data = read_yaml(config_file)
-        if "method" in data and data["method"] != settings.get("method"):
+        if "method" in data and _method_name(data["method"]) != _method_name(settings.get("method", "")):
             settings["method_args"] = {}
         settings.update({k: v for k, v in data.items() if k != "method_args"})
         settings["method_args"].update(data.get("method_args") or {})
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in values.items() if k in train_fields and v is not None}
-    if "method" in given and given["method"] != settings.get("method", "lora"):
+    if "method" in given and _method_name(given["method"]) != _method_name(settings.get("method", "lora")):
         settings["method_args"] = {}
     settings.update(given)
     settings.update(extra or {})
     method = settings.get("method", "lora")
+    if ":" in method:  # 'lora:r=16,lora_alpha=32', as in `peftkit compare`
+        settings["method"], spec_args = parse_spec(method)
+        settings["method_args"].update(spec_args)
+        method = settings["method"]
     settings["method_args"].update(method_args_from_flags(method, values))
     return TrainConfig.from_dict(settings, source=config_file or "the flags")

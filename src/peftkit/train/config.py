@@ -145,10 +145,11 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         out = []
-        named = {"task": TASKS, "pooling": POOLINGS, "schedule": SCHEDULES, "dtype": DTYPES, "report_to": TRACKERS}
-        for name, valid in named.items():
+        named = (("task", TASKS, "task"), ("pooling", POOLINGS, "pooling"), ("schedule", SCHEDULES, "schedule"))
+        named += (("dtype", DTYPES, "dtype"), ("report_to", TRACKERS, "tracker"))
+        for name, valid, noun in named:
             if getattr(self, name) not in valid:
-                out.append(f"--{flag(name)} {getattr(self, name)!r} is not one of {choices(valid)}.")
+                out.append(f"--{flag(name)} {getattr(self, name)!r} is not a {noun}; use one of {choices(valid)}.")
         positive = ("batch_size", "eval_batch_size", "grad_accum", "max_length", "save_total_limit", "log_steps")
         for name in (*positive, "max_new_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:

@@ -6,6 +6,8 @@
 - Matthews correlation, multi-class (Gorodkin 2004): with C the confusion matrix, t_k the true counts,
   p_k the predicted counts, c = trace(C), s = total,
   MCC = (c s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2)(s^2 - sum_k t_k^2)), and 0 when a factor is 0.
+- predicted_classes: how many classes the model predicts at all (1: it answers one class, usually the majority,
+  whatever the input; `peftkit compare` flags it).
 - language modelling: mean token cross-entropy and perplexity = exp(loss).
 """
 
@@ -37,6 +39,7 @@ def classification_metrics(preds: torch.Tensor, labels: torch.Tensor, num_classe
         "accuracy": float(tp.sum() / total) if total else 0.0,
         "macro_f1": float(f1.mean()),
         "mcc": mcc,
+        "predicted_classes": float((pred_counts > 0).sum()),
     }
 
 
@@ -46,4 +49,11 @@ def lm_metrics(loss_sum: float, tokens: int) -> dict[str, float]:
 
 
 # Which direction is better, for picking the best checkpoint and early stopping.
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "mcc": True, "loss": False, "perplexity": False}
+HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "macro_f1": True,
+    "mcc": True,
+    "loss": False,
+    "perplexity": False,
+    "exact_match": True,  # --eval-generate (peftkit.train.generation_eval)
+}

@@ -140,27 +140,37 @@ def load_tokenizer(ref: str):
     return tokenizer
 
 
-def load_model(ref: str, task: str, labels: list[str] | None = None) -> nn.Module:
-    """The base model for ``task`` ("classification" or "causal_lm"), in float32."""
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_base_model(config, task: str, labels: list[str] | None = None) -> nn.Module:
+    """The base model of a training run (``config``: a TrainConfig): ``config.model`` for ``task`` with its weights
+    in ``config.dtype`` (``--dtype``). The one place a run loads its base; what it returns is frozen and wrapped by
+    the method, whose adapter tensors stay in float32 (``get_peft_model``'s ``autocast_adapter_dtype``)."""
+    return load_model(config.model, task, labels, dtype=TORCH_DTYPES[config.dtype])
+
+
+def load_model(ref: str, task: str, labels: list[str] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model for ``task`` ("classification" or "causal_lm"), its weights in ``dtype`` (float32 default)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = model_source(ref)
     if task == "classification":
         if labels is None:  # keep the folder's own head size (2 for a model saved without one)
-            return AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+            return AutoModelForSequenceClassification.from_pretrained(source, dtype=dtype)
         try:
             return AutoModelForSequenceClassification.from_pretrained(
                 source,
                 num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)},
-                dtype=torch.float32,
+                dtype=dtype,
             )
         except RuntimeError as err:
             if "mismatched" not in str(err):
                 raise
             raise _head_mismatch(ref, labels) from None
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
 
 
 def _head_mismatch(ref: str, labels: list[str]) -> ConfigError:

@@ -29,6 +29,8 @@ class TrainResult:
     labels: list[str] | None = None
     majority: float | None = None
     main_process: bool = True  # False on the other ranks of a distributed run
+    stop_reason: str | None = None  # why training stopped before its last step (--max-minutes)
+    samples: dict[str, list] = field(default_factory=dict)  # --eval-generate: "before" / "after" dev answers
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

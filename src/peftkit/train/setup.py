@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit.core.config import PeftConfig
@@ -18,7 +19,7 @@ from peftkit.core.registry import get_method, method_names
 from peftkit.errors import ConfigError, choices
 from peftkit.train.config import TrainConfig
 from peftkit.train.metrics import HIGHER_IS_BETTER
-from peftkit.train.models import checkpoint_pooling, load_model, model_name, use_mean_pooling
+from peftkit.train.models import checkpoint_pooling, load_base_model, model_name, use_mean_pooling
 
 
 def build_method_config(method: str, args: dict[str, Any], task_type: str | None, base_model: str) -> PeftConfig:
@@ -41,6 +42,24 @@ def build_method_config(method: str, args: dict[str, Any], task_type: str | None
         named = [f"--{n.replace('_', '-')}" for n in dict.fromkeys(re.findall(r"(\w+)=", str(err))) if n in args]
         where = f" (set by {', '.join(named)} or method_args in the YAML file)" if named else ""
         raise ConfigError(f"--method {method}{where}: {err}") from err
+
+
+# A causal LM's default lr is its method's classification default times this factor. Measured for LoRA on
+# SmolLM2-135M-Instruct (benchmarks/lr_sweep_smollm2.py, docs/cli.md): LoRA's 2e-3 (tuned on MiniLM classification)
+# ruins SmolLM2 within a few steps, 2e-4 gives the lowest held-out answer loss of the sweep.
+CAUSAL_LM_LR_FACTOR = 0.1
+
+
+def default_lr(method: Method, task: str) -> tuple[float, str]:
+    """(the peak lr a run uses without --lr, why): the method's ``Training.learning_rate`` for classification,
+    times CAUSAL_LM_LR_FACTOR for a causal LM (whole-sequence generation is far more sensitive to large steps)."""
+    rate = method.training.learning_rate
+    if task == "causal_lm":
+        return rate * CAUSAL_LM_LR_FACTOR, (
+            f"{method.name}'s default for causal LMs: {rate:.0e} x {CAUSAL_LM_LR_FACTOR:g}, from a sweep on SmolLM2; "
+            "--lr sets it"
+        )
+    return rate, f"{method.name}'s default for classification; --lr sets it"
 
 
 def optimizer_groups(config: TrainConfig, method: Method, host: Any, lr: float) -> list[Any]:
@@ -125,7 +144,7 @@ def prepare_base(
 ) -> nn.Module:
     """The base model (``model``, or ``config.model`` loaded with a head for ``labels``) with the run's pooling,
     dropout and padding token."""
-    base = model if model is not None else load_model(config.model, task, labels)
+    base = model if model is not None else load_base_model(config, task, labels)
     if config.pooling == "mean":
         use_mean_pooling(base)
     elif model is None and task == "classification" and checkpoint_pooling(config.model) == "mean":
@@ -138,6 +157,30 @@ def prepare_base(
     if getattr(base.config, "pad_token_id", None) is None:
         base.config.pad_token_id = tokenizer.pad_token_id
     return base
+
+
+def train_in_float32(model: nn.Module) -> list[str]:
+    """Under ``--dtype bf16|fp16``: the modules that train whole (a classifier head, ``modules_to_save`` copies) move
+    to float32 and cast their floating inputs to it, as the adapters' own tensors already are (peft's
+    ``autocast_adapter_dtype``): AdamW updates of 1e-4 relative size vanish in bf16's 8-bit mantissa. Tensors that
+    train inside a frozen half-precision layer (BitFit's biases) keep its dtype. Returns the modules moved."""
+    moved = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        half = [p for p in own if p.dtype in (torch.float16, torch.bfloat16)]
+        if not half or not all(p.requires_grad for p in module.parameters()):
+            continue
+        module.float()
+        module.register_forward_pre_hook(_float_inputs, with_kwargs=True)
+        moved.append(name)
+    return moved
+
+
+def _float_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def cast(x: object) -> object:
+        return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def cpu_threads(processes: int) -> int:

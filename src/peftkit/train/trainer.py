@@ -37,7 +37,9 @@ from peftkit.errors import ConfigError
 from peftkit.train import checkpoint
 from peftkit.train import data as D
 from peftkit.train.config import TrainConfig
-from peftkit.train.metrics import HIGHER_IS_BETTER, classification_metrics, lm_metrics
+from peftkit.train.evaluation import evaluate
+from peftkit.train.losses import causal_lm_loss
+from peftkit.train.metrics import HIGHER_IS_BETTER
 from peftkit.train.models import TASK_TYPES, load_tokenizer
 from peftkit.train.output_dir import clear_previous_run, writable_dir
 from peftkit.train.result import MemoryMonitor, TrainResult
@@ -48,10 +50,13 @@ from peftkit.train.setup import (
     check_fsdp_settings,
     checkpoint_activations,
     cpu_threads,
+    default_lr,
     lr_lambda,
     optimizer_groups,
     prepare_base,
+    train_in_float32,
 )
+from peftkit.train.trackers import LOG_DIR, RunLog, accelerate_tracker, fmt, interactive
 
 __all__ = ["TrainResult", "Trainer", "build_method_config", "train"]
 
@@ -64,9 +69,10 @@ class Trainer:
 
         check_fsdp_settings(config)
         self.config = config
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
-        self.main = self.acc.is_main_process
         self.out = Path(config.output_dir)
+        tracker = accelerate_tracker(config.report_to)  # a missing package is an error before any loading
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=tracker, project_dir=str(self.out / LOG_DIR))
+        self.main = self.acc.is_main_process
         self._threads_before = torch.get_num_threads()  # restored when train() ends
         torch.set_num_threads(config.threads or cpu_threads(self.acc.num_processes))
         self._seed_everything(config.seed)
@@ -77,6 +83,8 @@ class Trainer:
         check_fsdp_method(config, self.method)
         base = prepare_base(config, self.task, self.labels, self.tokenizer, model, self._say)
         self.pm: PeftModel = get_peft_model(base, method_config)
+        if config.dtype != "fp32":
+            train_in_float32(self.pm)
         if config.gradient_checkpointing:
             checkpoint_activations(base)
         self.pm.to(self.acc.device)
@@ -84,7 +92,8 @@ class Trainer:
             from peftkit.train import fsdp
 
             fsdp.shard(self.pm)
-        self.lr = config.lr or self.method.training.learning_rate
+        self.lr, why = (config.lr, "--lr") if config.lr else default_lr(self.method, self.task)
+        self._say(f"lr {self.lr:.0e} ({why})")
         self.total_steps = self._total_steps()
         self.lr_factor = lr_lambda(int(config.warmup_ratio * self.total_steps), self.total_steps, config.schedule)
         self.stage_step = self._stage_step()
@@ -95,6 +104,9 @@ class Trainer:
             "step": 0, "epoch": 0, "micro": 0, "best": None, "best_step": None, "bad": 0, "after_training_done": False
         }  # fmt: skip
         self.history: dict[str, list] = {"step": [], "train_loss": [], "lr": [], "eval_step": [], "eval": []}
+        self.samples: dict[int, list[dict]] = {}  # step -> generated dev answers (--eval-generate)
+        self.log = RunLog(self.acc, config, self.out, self._say)
+        self.grad_norm, self.tokens, self.stop_reason = 0.0, 0, None
 
     # ---- setup -------------------------------------------------------------------------------------------
     @staticmethod
@@ -155,41 +167,17 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.acc.device.type, dtype=torch.bfloat16)
 
-    # ---- evaluation --------------------------------------------------------------------------------------
-    @torch.no_grad()
+    # ---- evaluation (peftkit.train.evaluation) -----------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Dev metrics with the unwrapped model (every process computes the same numbers)."""
-        was_training = self.pm.training
-        self.pm.eval()
-        preds, golds, loss_sum, tokens = [], [], 0.0, 0
-        batches = D.eval_batches(len(self.dev_set), self.config.eval_batch_size)
-        bar = tqdm(batches, desc="eval", leave=False, disable=not (self.main and self.config.progress))
-        for index in bar:
-            batch = self._batch(self.dev_set, index)
-            labels = batch.pop("labels")
-            with self._autocast():
-                logits = self.pm(**batch).logits.float()
-            if self.task == "classification":
-                preds.append(logits.argmax(-1).cpu())
-                golds.append(labels.cpu())
-            else:
-                shifted = labels[:, 1:]
-                loss_sum += float(
-                    nn.functional.cross_entropy(
-                        logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum"
-                    )
-                )
-                tokens += int((shifted != D.IGNORE).sum())
-        self.pm.train(was_training)
-        if self.task == "classification":
-            return classification_metrics(torch.cat(preds), torch.cat(golds), len(self.labels))
-        return lm_metrics(loss_sum, tokens)
+        return evaluate(self)
 
     def _record_eval(self, metrics: dict[str, float], final: bool = False) -> bool:
         """Store an evaluation; keep the best adapter (``final``: this one, whatever came before); True when early
         stopping says stop."""
         self.history["eval_step"].append(self.state["step"])
         self.history["eval"].append(metrics)
+        self.log.evaluation(self.state["step"], metrics)
         value, best = metrics[self.metric], self.state["best"]
         better = final or best is None or (value > best if HIGHER_IS_BETTER[self.metric] else value < best)
         if better:
@@ -219,22 +207,32 @@ class Trainer:
         """One optimizer step over ``micro`` micro-batches; returns the mean loss over every process."""
         self.model.train()
         total = torch.zeros((), device=self.acc.device)
+        tokens = torch.zeros((), device=self.acc.device)
         for k, index in enumerate(micro):
             batch = self._batch(self.train_set, index)
+            tokens += D.token_count(self.train_set, index)  # a packed batch's attention_mask is 4-D
             sync = k == len(micro) - 1
             skip_sync = not sync and not self.config.fsdp  # FSDP reduce-scatters every micro-batch's gradients
             with self._autocast(), self.acc.no_sync(self.model) if skip_sync else nullcontext():
-                loss = self.model(**batch).loss + self.pm.auxiliary_loss()
+                loss = self._task_loss(batch) + self.pm.auxiliary_loss()
                 (loss / len(micro)).backward()
             total += loss.detach().float() / len(micro)
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        # the norm before clipping, logged (no --max-grad-norm: an infinite bound measures without clipping)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or math.inf))
         self.optimizer.step()
         self.scheduler.step()
         if self.method.training.after_step:  # before the gradients go: AdaLoRA's allocation reads them
             self.method.training.after_step(self.pm, self.state["step"] + 1, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
+        self.tokens = int(self.acc.reduce(tokens, reduction="sum"))
         return float(self.acc.reduce(total, reduction="mean"))
+
+    def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one micro-batch: the model's own (classification), or the causal-LM loss over the
+        positions whose label is not IGNORE (peftkit.train.losses.causal_lm_loss, the one place it is computed)."""
+        if self.task == "causal_lm":
+            return causal_lm_loss(self.model, batch)
+        return self.model(**batch).loss
 
     def _next_micro(self) -> list[list[int]] | None:
         """The next step's micro-batches, moving to the next epoch when this one is used up."""
@@ -261,8 +259,8 @@ class Trainer:
             self._record_eval(self.evaluate())
         if self.history["eval_step"][:1] == [0]:
             result.before = self.history["eval"][0]
-            self._say(f"dev before training: {_fmt(result.before)}")
-        start = time.perf_counter()
+            self._say(f"dev before training: {fmt(result.before)}")
+        start = self.loop_start = time.perf_counter()
         with MemoryMonitor(self.acc.device) as memory:
             self._loop()
         result.train_seconds = time.perf_counter() - start
@@ -285,9 +283,10 @@ class Trainer:
             clear_previous_run(self.out)
         if self.main:
             self.config.save_yaml(self.out / "train_config.yaml")
+        self.log.start(self.config.to_dict(), resume)
 
     def _loop(self) -> None:
-        """Optimizer steps until the last one, or until early stopping says stop."""
+        """Optimizer steps until the last one, until early stopping says stop, or until --max-minutes are spent."""
         step, method = self.state["step"], self.config.method
         bar = tqdm(total=self.total_steps, initial=step, desc=f"train {method}", disable=not self._bars())
         stop = False
@@ -295,8 +294,20 @@ class Trainer:
             micro = self._next_micro()
             if micro is None:
                 raise ConfigError("The training data yields no batch; lower --batch-size or add rows.")
-            stop = self._after_step(self._step(micro), bar)
+            stop = self._after_step(self._step(micro), bar) or self._out_of_time()
         bar.close()
+
+    def _out_of_time(self) -> bool:
+        """--max-minutes: True once the budget is spent (every process decides on rank 0's clock)."""
+        if self.config.max_minutes is None:
+            return False
+        spent = torch.tensor(float(time.perf_counter() - self.loop_start), device=self.acc.device)
+        spent = float(self.acc.reduce(spent, reduction="mean")) if self.acc.num_processes > 1 else float(spent)
+        if spent < 60 * self.config.max_minutes or self.state["step"] >= self.total_steps:
+            return False
+        self.stop_reason = f"time budget of {self.config.max_minutes:g} min spent at step {self.state['step']}"
+        self._say(f"{self.stop_reason} of {self.total_steps}: evaluating and saving")
+        return True
 
     def _after_step(self, loss: float, bar: tqdm) -> bool:
         """Record the step; stage change, evaluation and checkpoint when due. True when early stopping says stop."""
@@ -308,6 +319,7 @@ class Trainer:
         self.history["lr"].append(self.scheduler.get_last_lr()[0])
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.history['lr'][-1]:.2e}")
+        self.log.step(step, self.total_steps, loss, self.history["lr"][-1], self.grad_norm, self.tokens)
         self._change_stage(step)
         stop = False
         if c.eval_steps and step % c.eval_steps == 0 and step < self.total_steps:
@@ -342,13 +354,16 @@ class Trainer:
         result.best_step = self.state["best_step"]
         result.steps = self.state["step"]
         result.history = self.history
+        result.stop_reason = self.stop_reason
+        result.samples = {"before": self.samples.get(0, []), "after": self.samples.get(best, [])}
+        self.log.finish()
         self._save_adapter(self.out)
         if self.main:
             (self.out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
             from peftkit.train.plot import plot_curves
 
             plot_curves(self.history, self.out / "curves.png", self.metric)
-            self._say(f"dev after training (step {result.best_step}): {_fmt(result.after)}")
+            self._say(f"dev after training (step {result.best_step}): {fmt(result.after)}")
             if self.method.training.report:  # e.g. AdaLoRA's final rank per layer
                 self._say(self.method.training.report(self.pm))
             if result.majority is not None:
@@ -383,15 +398,11 @@ class Trainer:
         )
 
     def _bars(self) -> bool:
-        return self.main and self.config.progress
+        return self.main and interactive(self.config.progress)
 
     def _say(self, text: str) -> None:
         if self.main:
             tqdm.write(text)
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 def train(
