@@ -144,3 +144,24 @@ def test_without_preprocessing_nothing_changes_and_the_error_says_what_to_run():
         CordaConfig(corda_method="svd")
     with pytest.raises(ConfigError, match="needs run_model"):
         preprocess_corda(base, LoraConfig(**corda_config()))
+
+
+def test_converted_adapter_on_the_untouched_base_equals_the_trained_model(tmp_path):
+    """CorDA leaves a residual in W as PiSSA does: path_initial_model_for_weight_conversion gives a plain LoRA for the
+    original weights ([A ; A0], [B | -B0], r and alpha doubled) with the trained model's outputs."""
+    base = llama()
+    model = copy.deepcopy(base)
+    config = LoraConfig(**corda_config("kpm"))
+    preprocess_corda(model, config, runner(model))
+    pm = get_peft_model(model, config)
+    pm.save_pretrained(tmp_path / "init")
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))  # "trained"
+    ids = samples()[4]
+    expected = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora")
+    assert plain.peft_config["default"].init_lora_weights is True and plain.peft_config["default"].r == 2 * R
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
