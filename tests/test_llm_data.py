@@ -168,6 +168,9 @@ def test_every_local_format_reads_the_same_rows(tmp_path):
     (tmp_path / "rows.arrow").write_bytes(next((tmp_path / "saved").glob("*.arrow")).read_bytes())
     for name in ("rows.csv", "rows.tsv", "rows.json", "rows.jsonl", "rows.parquet", "rows.arrow"):
         assert D.read_rows(tmp_path / name) == ROWS, name
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ConfigError, match=r"--data '.*broken.parquet' cannot be read"):
+        D.read_rows(tmp_path / "broken.parquet")
     train, dev = D.load_splits(TrainConfig(data=str(tmp_path / "saved"), dev_fraction=0.25))
     assert len(train) == 9 and len(dev) == 3 and sorted(map(str, train + dev)) == sorted(map(str, ROWS))
 
@@ -192,6 +195,21 @@ def test_a_saved_dataset_dict_and_its_splits(tmp_path):
     T.write_json(tmp_path / "files" / "train.json", ROWS[:8])
     T.write_json(tmp_path / "files" / "holdout.json", ROWS[8:])
     assert D.load_splits(TrainConfig(data=str(tmp_path / "files"), eval_split="holdout"))[1] == ROWS[8:]
+
+
+def test_a_folder_in_a_hub_repository_layout(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(ROWS[:8]).to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list(ROWS[8:]).to_parquet(
+        str(tmp_path / "repo" / "data" / "validation-00000-of-00001.parquet")
+    )
+    assert D.load_splits(TrainConfig(data=str(tmp_path / "repo"))) == (ROWS[:8], ROWS[8:])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="is a folder without a train file"):
+        D.load_splits(TrainConfig(data=str(tmp_path / "empty")))
 
 
 def test_a_hub_name_is_looked_up_in_the_cache_only():

@@ -102,12 +102,15 @@ def _json(text: str, where: str) -> Any:
 
 
 def _read_with_datasets(path: Path, where: str) -> Rows:
+    """An Arrow file (as ``save_to_disk`` writes them) memory-mapped by datasets; a Parquet file through pyarrow,
+    datasets' own reader (``Dataset.from_parquet`` would first copy it into the datasets cache)."""
     import datasets
+    import pyarrow.parquet
 
     try:
         if path.suffix.lower() == ".arrow":
             return datasets.Dataset.from_file(str(path)).to_list()
-        return datasets.Dataset.from_parquet(str(path)).to_list()
+        return pyarrow.parquet.read_table(path).to_pylist()
     except Exception as err:  # pyarrow / datasets raise many types for a broken file
         raise ConfigError(f"{where} cannot be read by datasets ({type(err).__name__}: {err}).") from None
 
@@ -173,6 +176,8 @@ def _folder(path: Path, config: TrainConfig) -> tuple[Rows, Rows | None]:
     if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
         return _saved(path, config)
     train_file = _find(path, (config.train_split,))
+    if train_file is None and _has_data_files(path):  # a data set repository's layout (data/train-00000-of-....)
+        return _pick_splits(_load_dataset(str(path), config), config, f"--data {str(path)!r}")
     if train_file is None:
         raise ConfigError(
             f"--data {str(path)!r} is a folder without a {config.train_split} file; it needs "
@@ -232,17 +237,26 @@ def _offline():
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
-def _hub(name: str, config: TrainConfig) -> tuple[Rows, Rows | None]:
+def _has_data_files(folder: Path) -> bool:
+    return any(p.suffix.lower() in SUFFIXES for p in folder.rglob("*") if p.is_file())
+
+
+def _load_dataset(ref: str, config: TrainConfig):
+    """``datasets.load_dataset(ref, --data-config)`` offline: a local folder in a layout it reads, or a Hub name
+    from the local cache."""
     import datasets
 
     try:
         with _offline():
-            data = datasets.load_dataset(name, config.data_config)
+            return datasets.load_dataset(ref, config.data_config)
     except Exception as err:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ...
         raise ConfigError(
-            f"--data {name!r} is neither a file, a folder, the built-in 'tweets' nor a data set in the local "
+            f"--data {ref!r} is neither a file, a folder, the built-in 'tweets' nor a data set in the local "
             f"Hugging Face cache ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Files: "
             f"{', '.join(SUFFIXES)}; a folder with train.<suffix> and dev.<suffix>; or download the data set once "
             "with network access (datasets.load_dataset) and pass its name again."
         ) from None
-    return _pick_splits(data, config, f"--data {name!r}")
+
+
+def _hub(name: str, config: TrainConfig) -> tuple[Rows, Rows | None]:
+    return _pick_splits(_load_dataset(name, config), config, f"--data {name!r}")
