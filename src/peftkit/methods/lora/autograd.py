@@ -210,13 +210,14 @@ def _input(ctx: Any, source: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 
 def plan_for(layer: nn.Module, names: list[str]) -> tuple | None:
-    """Per adapter (s_a, p_a) when every adapter's dropout is a plain nn.Dropout / Identity, else None."""
+    """Per adapter (s_a, p_a) when every adapter's dropout is a plain nn.Dropout / Identity and its scale a number
+    (compiled hot-swapping keeps it as a tensor: the plain path), else None."""
     plan = []
     for name in names:
-        p = _dropout_p(layer.lora_dropout[name])
-        if p is None:
+        p, s = _dropout_p(layer.lora_dropout[name]), layer.scaling[name]
+        if p is None or isinstance(s, torch.Tensor):
             return None
-        plan.append((layer.scaling[name], p))
+        plan.append((s, p))
     return tuple(plan)
 
 
