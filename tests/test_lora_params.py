@@ -5,6 +5,7 @@ peft 0.21 on the same weights, files both ways, merge / unmerge, and the refusal
 from __future__ import annotations
 
 import copy
+import json
 
 import peft
 import pytest
@@ -21,7 +22,8 @@ from transformers import (
 
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
-from peftkit.errors import ConfigError, RoutingError, TargetNotFoundError
+from peftkit.core.layer import AdapterLayer
+from peftkit.errors import CheckpointError, ConfigError, RoutingError, TargetNotFoundError
 from peftkit.methods.lora import LoraParamWrapper
 
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -265,3 +267,16 @@ def test_hotswap_is_refused_by_name_and_leaves_the_adapter_unchanged(tmp_path):
     with pytest.raises(ConfigError, match="target_parameters"):
         prepare_model_for_compiled_hotswap(pm)
     torch.testing.assert_close(pm(input_ids=x).logits, before)
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
+    base = mixtral()
+    get_peft_model(copy.deepcopy(base), LoraConfig(**config())).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "r": R + 1}))  # shapes no longer fit
+    model = copy.deepcopy(base)
+    with pytest.raises(CheckpointError):
+        PeftModel.from_pretrained(model, tmp_path)
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    x = ids()
+    torch.testing.assert_close(model(input_ids=x).logits, base(input_ids=x).logits)
