@@ -280,3 +280,16 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(tmp_path):
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     x = ids()
     torch.testing.assert_close(model(input_ids=x).logits, base(input_ids=x).logits)
+
+
+def test_bf16_experts_train_fp32_factors_and_merge():
+    pm = get_peft_model(mixtral().to(torch.bfloat16), LoraConfig(**config(init_lora_weights=True)))
+    x = ids()
+    pm(input_ids=x, labels=x).loss.backward()
+    experts = pm.model.model.layers[0].mlp.experts
+    assert experts.lora_A["default"].weight.dtype == torch.float32  # trained in fp32, applied in bf16
+    assert experts.lora_B["default"].weight.grad.abs().sum() > 0
+    before = experts.get_base_layer().down_proj.detach().clone()
+    pm.merge_adapter()  # B = 0: the merge adds nothing
+    pm.unmerge_adapter()
+    assert torch.equal(experts.get_base_layer().down_proj, before)

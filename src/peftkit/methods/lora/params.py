@@ -115,6 +115,20 @@ class LoraParamWrapper(LoraLayer):
         delta = torch.bmm(b3, a3) * s  # (E, out, in)
         return delta.transpose(1, 2) if self.transposed else delta
 
+    def _plus_delta(self, weight: torch.Tensor, name: str) -> torch.Tensor:
+        """weight + ΔW_name in one fused multiply-add (addmm / baddbmm), with no separate ΔW tensor of the
+        parameter's size; the factors take the parameter's dtype first (as peft does)."""
+        a, b = (t.to(weight.dtype) for t in self.factors(name))  # (E r, in), (out, r E)
+        s = float(self.scaling[name])
+        if weight.ndim == 2:
+            return torch.addmm(weight, b, a, alpha=s)
+        e = self.num_experts
+        a3 = a.reshape(e, -1, a.shape[-1])  # (E, r, in)
+        b3 = b.reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+        if self.transposed:  # W (E, in, out): ΔW_e^T = A_e^T B_e^T
+            return torch.baddbmm(weight, a3.transpose(1, 2), b3.transpose(1, 2), alpha=s)
+        return torch.baddbmm(weight, b3, a3, alpha=s)
+
     def merge(self, adapter_names: list[str]) -> None:
         param = self.get_param()
         with torch.no_grad():
@@ -147,8 +161,9 @@ class LoraParamWrapper(LoraLayer):
         names = self._call_adapters()
         if not names:
             return self.base_layer(*args, **kwargs)
-        param = self.get_param()
-        weight = param + sum(self.delta_weight(n).to(param.dtype) for n in names)  # W + sum_a ΔW_a
+        weight = self.get_param()
+        for name in names:  # W + sum_a ΔW_a
+            weight = self._plus_delta(weight, name)
         key = self.base_prefix() + self.parameter_name
         return functional_call(self.base_layer, {key: weight}, args, kwargs, tie_weights=False, strict=False)
 
