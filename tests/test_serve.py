@@ -21,7 +21,6 @@ import torch  # noqa: E402
 
 from models import perturb, tiny_gpt2, tiny_llama  # noqa: E402
 from peftkit import LoraConfig, get_peft_model  # noqa: E402
-from peftkit.cli.predict import generate  # noqa: E402
 from peftkit.serve.batch import KVBatch, decode_step, prefill  # noqa: E402
 from peftkit.serve.protocol import Limits  # noqa: E402
 from peftkit.serve.sampling import TextStream, top_p_filter  # noqa: E402
@@ -125,12 +124,16 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=30)
 
 
-def cli_generate(folders, adapter: str, prompt: str, tokens: int, capsys) -> str:
+def cli_generate(folders, adapter: str, prompt: str, tokens: int) -> str:
     """What `peftkit generate ADAPTER --prompt PROMPT --max-new-tokens N --model MODEL` prints (greedy)."""
-    capsys.readouterr()
-    generate(adapter=str(folders[adapter]), prompt=[prompt], max_new_tokens=tokens, temperature=0.0,
-             model=str(folders["model"]))  # fmt: skip
-    return capsys.readouterr().out.rstrip("\n")
+    from typer.testing import CliRunner
+
+    from peftkit.cli.main import app
+
+    args = ["generate", str(folders[adapter]), "--prompt", prompt, "--max-new-tokens", str(tokens)]
+    result = CliRunner().invoke(app, [*args, "--model", str(folders["model"])])
+    assert result.exit_code == 0, result.output
+    return result.stdout.rstrip("\n")
 
 
 def templated(prompt: str) -> str:
@@ -150,9 +153,9 @@ def test_models_lists_base_and_adapters(client):
 
 
 @pytest.mark.parametrize("adapter", ADAPTERS)
-def test_completions_and_chat_equal_peftkit_generate(client, folders, adapter, capsys):
+def test_completions_and_chat_equal_peftkit_generate(client, folders, adapter):
     prompt = f"Tell {adapter} a story"
-    expected = cli_generate(folders, adapter, prompt, 12, capsys)
+    expected = cli_generate(folders, adapter, prompt, 12)
     text = complete(client, adapter, templated(prompt))
     chat = client.chat.completions.create(
         model=adapter, messages=[{"role": "user", "content": prompt}], max_tokens=12, temperature=0
@@ -221,14 +224,14 @@ def test_seed_repeats_and_stop_cuts(client):
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
 
 
-def test_load_unload_at_run_time_and_lru(client, server, folders, capsys):
+def test_load_unload_at_run_time_and_lru(client, server, folders):
     http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
     assert http.post("/v1/adapters", json={"name": "delta", "path": "delta"}).status_code == 201
     registry = server.state.registry
     assert len(registry.resident) <= 3 and "delta" in registry.resident  # LRU cap: one of the others left memory
-    assert complete(client, "delta", templated("hi")).strip() == cli_generate(folders, "delta", "hi", 12, capsys)
+    assert complete(client, "delta", templated("hi")).strip() == cli_generate(folders, "delta", "hi", 12)
     evicted = next(n for n in ADAPTERS if n not in registry.resident)
-    assert complete(client, evicted, templated("hi")).strip() == cli_generate(folders, evicted, "hi", 12, capsys)
+    assert complete(client, evicted, templated("hi")).strip() == cli_generate(folders, evicted, "hi", 12)
     assert http.delete("/v1/adapters/delta").status_code == 200
     assert "delta" not in [m.id for m in client.models.list().data]
     with pytest.raises(openai.NotFoundError):
@@ -328,6 +331,30 @@ def test_rows_joining_and_leaving_match_each_row_alone(build):
             out[r].append(t)
     assert all(out[i] == alone(i)[: len(out[i])] for i in range(4))
     assert KVBatch().keep([]).size == 0
+
+
+@pytest.mark.parametrize(
+    ("adapters", "tokens"),
+    [([0, 1, 2, 1, 0, 2], 1), ([2, 2, 0, 2, 1, 2], 3), ([0, 0, 0, 0, 0, 1], 1), ([0, 0, 0, 0, 0, 0, 1, 2], 4)],
+)
+def test_grouped_rows_equal_each_row_through_its_own_factors(adapters, tokens):
+    """methods/lora/rows.py: s_k B_k A_k x_i + c_k + bias per row, by hand; very uneven use falls back (None)."""
+    from peftkit.core.layer import Routing
+    from peftkit.methods.lora.rows import grouped_delta, segments
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, generator=g)
+    x, bias = torch.randn(len(adapters), tokens, 5, generator=g), torch.randn(4, generator=g)
+    routing = Routing(("p", "q", "r"), torch.tensor(adapters))
+    want = torch.stack([x[i] @ a[k] @ b[k] + c[k] + bias for i, k in enumerate(adapters)])
+    got = grouped_delta(routing, x, a, b, c, bias)
+    plan = segments(torch.tensor(adapters), 3)
+    if 3 * plan.width * tokens > len(adapters) * (2 + tokens):
+        assert got is None  # padding would move more than gathering
+    else:
+        torch.testing.assert_close(got, want)
+    assert sorted(plan.back.tolist()) == plan.back.unique().tolist()  # every row has its own slot
+    assert all(plan.gather[slot] == row for row, slot in enumerate(plan.back.tolist()))
 
 
 def test_top_p_keeps_the_nucleus_and_stop_strings_are_held_back():
