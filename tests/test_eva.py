@@ -199,3 +199,10 @@ def test_an_eva_adapter_routes_per_row_combines_and_reloads_like_any_lora(tmp_pa
     pm.save_pretrained(tmp_path, selected_adapters=["default"])
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(back(input_ids=x).logits, eva_out, atol=1e-5, rtol=0)
+
+
+def test_batches_too_small_for_the_components_are_refused_instead_of_looping_forever():
+    tiny = [{"x": torch.randn(2, 8), "y": torch.randn(2, 8)}] * 2  # 2 tokens, 4 components per layer
+    config = LoraConfig(r=R, target_modules=["a", "b"], init_lora_weights="eva")
+    with pytest.raises(ConfigError, match="never received more tokens"):
+        get_eva_state_dict(Two(), tiny, config, prepare_model_inputs_fn=None, prepare_layer_inputs_fn=None)

@@ -23,6 +23,7 @@ layer's input size).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import re
@@ -204,7 +205,7 @@ def get_eva_state_dict(
     if len(dataloader) == 0:
         raise ConfigError("get_eva_state_dict got an empty dataloader; EVA needs a few batches of real inputs.")
     names = _targets(model, config, is_peft)
-    context = model.disable_adapter() if is_peft else _nothing()
+    context = model.disable_adapter() if is_peft else contextlib.nullcontext()
     training = model.training
     model.eval()
     try:
@@ -212,14 +213,6 @@ def get_eva_state_dict(
             return _run(model, dataloader, config, names, forward_fn, prepare_model_inputs_fn, prepare_layer_inputs_fn)
     finally:
         model.train(training)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _model_input(inputs: Any, config: LoraConfig, fn: Callable | None) -> Any:
@@ -262,7 +255,8 @@ def _run(model, dataloader, config, names, forward_fn, model_fn, layer_fns) -> d
 def _iterate(model, dataloader, config, hooks, owner_of, budget, max_components, forward_fn, model_fn) -> dict:
     """Batches until every layer's first (assigned-rank) components have converged; ranks redistributed each step."""
     rank_dist = dict(max_components)
-    for inputs in itertools.cycle(dataloader):
+    for step, inputs in enumerate(itertools.cycle(dataloader)):
+        _check_fed(hooks, step, len(dataloader))
         model_input = _model_input(inputs, config, model_fn)
         for name, hook in hooks.items():
             done = bool(hook.converged[: rank_dist[name]].all())
@@ -279,6 +273,16 @@ def _iterate(model, dataloader, config, hooks, owner_of, budget, max_components,
         if all(h.pca.components is not None for h in hooks.values()):
             rank_dist = _rank_distribution(hooks, owner_of, budget, max_components)
     return rank_dist
+
+
+def _check_fed(hooks: dict[str, _Hook], step: int, batches: int) -> None:
+    """After a whole pass over the batches, every layer must have had enough tokens once (else it never could)."""
+    starved = [n for n, h in hooks.items() if h.pca.components is None] if step > batches else []
+    if starved:
+        raise ConfigError(
+            f"EVA: layers {starved[:3]} never received more tokens in one batch than the components they compute "
+            f"(round(r * rho) = {hooks[starved[0]].pca.n_components}); use larger batches or a smaller r / rho."
+        )
 
 
 def _components(hooks: dict[str, _Hook], owner_of: dict, rank_dist: dict, eva: EvaConfig) -> dict[str, torch.Tensor]:
