@@ -54,7 +54,7 @@ def lm_config(files, out: Path, **changes) -> TrainConfig:
 def run(*args) -> str:
     result = CliRunner().invoke(build_app(), [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 # ---- item 3: weights and precision ------------------------------------------------------------------------
@@ -228,3 +228,43 @@ def test_compare_note_for_a_majority_only_method(tmp_path):
     write_tables(rows, tmp_path)
     lines = (tmp_path / "comparison.md").read_text().splitlines()
     assert lines[0].endswith("| note |") and lines[2].endswith("| predicts one class only |")
+
+
+# ---- item 6: generate and predict on the command line ----------------------------------------------------------
+def test_generate_base_batches_prompts_and_separates_outputs(files, tmp_path):
+    prompts = ["tell me about the movie", "what about the plot", "say hello"]
+    args = [arg for p in prompts for arg in ("--prompt", p)]
+    out = run("generate", "--base", "--model", files["llama"], *args, "--max-new-tokens", "5", "--batch-size", "3")
+    blocks = [b for b in out.split("=== [") if b.strip()]
+    assert [b.split("\n", 1)[0] for b in blocks] == [f"{i}] {p}" for i, p in enumerate(prompts, 1)]
+    alone = [run("generate", "--base", "--model", files["llama"], "--prompt", p, "--max-new-tokens", "5").strip()
+             for p in prompts]  # fmt: skip
+    assert [b.split("\n", 1)[1].strip() for b in blocks] == alone  # left-padded batch = one prompt at a time
+    train(lm_config(files, tmp_path / "lm", max_steps=2))
+    base_of_adapter = run("generate", tmp_path / "lm", "--base", "--prompt", prompts[0], "--max-new-tokens", "5")
+    assert base_of_adapter.strip() == alone[0]
+
+
+def test_predict_reads_pairs_truncates_like_training_and_writes_a_predictions_file(files, tmp_path):
+    cls = TrainConfig(model=str(files["bert"]), data=str(files["csv"]), method_args=LORA_BERT, max_steps=10, lr=3e-2,
+                      max_length=8, progress=False, threads=1, eval_before=False,
+                      output_dir=str(tmp_path / "cls"))  # fmt: skip
+    train(cls)
+    short, long = "good good movie" + " bad" * 20, "good good movie" + " bad" * 30
+    lines = run("predict", tmp_path / "cls", "--text", short, "--text", long).splitlines()
+    assert lines[0].split("\t")[:2] == lines[1].split("\t")[:2]  # both cut to the run's 8 tokens
+    untruncated = run("predict", tmp_path / "cls", "--text", short, "--text", long, "--max-length", "64").splitlines()
+    assert untruncated[0].split("\t")[1] != untruncated[1].split("\t")[1]
+    rows = [{"sentence1": "good film", "sentence2": "awful plot", "label": "negative"},
+            {"sentence1": "okay", "sentence2": "great great", "label": "positive"}]  # fmt: skip
+    T.write_csv(tmp_path / "pairs.csv", rows)
+    out = run("predict", tmp_path / "cls", "--text", "fine", "--text-pair", "bad", "--file", tmp_path / "pairs.csv",
+              "--output", tmp_path / "pred.jsonl")  # fmt: skip
+    assert out.splitlines()[1].endswith("\tgood film\tawful plot") and "accuracy" in out.splitlines()[-1]
+    written = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [w["text_pair"] for w in written] == ["bad", "awful plot", "great great"]
+    assert [w.get("label") for w in written] == [None, "negative", "positive"]
+    assert all(w["prediction"] in ("negative", "neutral", "positive") and 0 < w["probability"] <= 1 for w in written)
+    run("predict", tmp_path / "cls", "--file", tmp_path / "pairs.csv", "--output", tmp_path / "pred.csv")
+    with open(tmp_path / "pred.csv") as fh:
+        assert next(iter(csv.DictReader(fh))).keys() == {"text", "text_pair", "prediction", "probability", "label"}

@@ -47,8 +47,8 @@ def run_info(folder: Path) -> dict[str, Any]:
             import yaml
 
             recorded = yaml.safe_load(settings.read_text()) or {}
-            info.setdefault("model", recorded.get("model"))
-            info.setdefault("pooling", recorded.get("pooling"))
+            for key in ("model", "pooling", "max_length", "text_column", "text_pair_column", "label_column"):
+                info.setdefault(key, recorded.get(key))
     return {k: v for k, v in info.items() if v is not None}
 
 

@@ -59,15 +59,17 @@ def prompt_and_reference(row: dict[str, Any]) -> tuple[list[int], list[int]] | N
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of token-id ``prompts``, batched with left padding; the new text of each."""
+def generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, **sampling: Any) -> list[str]:
+    """Continuations of token-id ``prompts`` (greedy unless ``sampling`` says ``do_sample=True, temperature=t``),
+    batched with left padding (each row's positions start at its first real token); the new text of each."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    settings = {"do_sample": False, **sampling}
     out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad, **settings
     )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
