@@ -182,7 +182,7 @@ def test_grouped_conv_refuses_cat_and_svd_combination():
 
 
 # ---- init_lora_weights ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("init", ["loftq", "orthogonal"])
+@pytest.mark.parametrize("init", ["mica", "orthogonal"])
 def test_peft_inits_peftkit_lacks_are_refused_naming_what_is_supported(init):
     assert init in str(peft.LoraConfig.__dataclass_fields__["init_lora_weights"].type)
     with pytest.raises(ConfigError, match=r"does not implement yet; supported: True .*False .*'gaussian'.*'pissa'"):

@@ -10,9 +10,9 @@ from peftkit.core.targeting import TargetingConfig
 from peftkit.errors import ConfigError, choices
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva", "corda")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "eva", "corda", "loftq")
 # peft 0.21's other initialisations (data- or weight-driven): refused by name until peftkit implements them.
-PEFT_ONLY_INITS = ("loftq", "orthogonal", "mica", "lora_ga")
+PEFT_ONLY_INITS = ("orthogonal", "mica", "lora_ga")
 CORDA_METHODS = ("ipm", "kpm")
 
 
@@ -105,7 +105,6 @@ class LoraConfig(TargetingConfig):
     }
     foreign_defaults: ClassVar[dict[str, Any]] = {
         "layer_replication": None,
-        "loftq_config": {},
         "use_qalora": False,
         "qalora_group_size": 16,
         "megatron_config": None,
@@ -170,6 +169,10 @@ class LoraConfig(TargetingConfig):
             "covariance_file; run preprocess_corda(model, config, run_model) before get_peft_model."
         },
     )
+    loftq_config: dict = field(
+        default_factory=dict,
+        metadata={"help": "LoftQ's settings (init_lora_weights='loftq'): {'loftq_bits': 4 or 8, 'loftq_iter': n}."},
+    )
     target_parameters: list[str] | None = field(
         default=None,
         metadata={
@@ -194,6 +197,8 @@ class LoraConfig(TargetingConfig):
             self.corda_config = CordaConfig(**self.corda_config)
         if self.init_lora_weights == "corda" and self.corda_config is None:
             self.corda_config = CordaConfig()
+        if hasattr(self.loftq_config, "loftq_bits"):  # a LoftQConfig (methods/lora/loftq.py): stored as peft's dict
+            self.loftq_config = dict(vars(self.loftq_config))
         super().__post_init__()
 
     def to_dict(self) -> dict:
@@ -221,6 +226,8 @@ class LoraConfig(TargetingConfig):
         if self.bias not in BIAS_CHOICES:
             problems.append(f"bias={self.bias!r} is not one of {choices(BIAS_CHOICES)}.")
         problems.extend(_init_problems(self.init_lora_weights))
+        if self.init_lora_weights == "loftq" and not self.loftq_config:
+            problems.append("init_lora_weights='loftq' needs loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1).")
         if self.use_dora and self.lora_bias:
             problems.append("use_dora=True with lora_bias=True: DoRA has no bias on B (peft refuses it too); drop one.")
         bad = {k: v for k, v in self.rank_pattern.items() if not isinstance(v, int) or v <= 0}
@@ -254,7 +261,8 @@ def _niter(init: object) -> int | None:
 def _init_problems(init: object) -> list[str]:
     """init_lora_weights must be one of INIT_CHOICES (an int such as 1 is not True); peft's other values are named
     as not implemented, anything else as unknown."""
-    if isinstance(init, bool) or init in ("gaussian", "pissa", "olora", "eva", "corda") or _niter(init) is not None:
+    named = ("gaussian", "pissa", "olora", "eva", "corda", "loftq")
+    if isinstance(init, bool) or init in named or _niter(init) is not None:
         return []
     supported = (
         "True (A Kaiming-uniform, B = 0), False (random A and B), 'gaussian' (A ~ N(0, 1/r), B = 0), 'pissa' / "
