@@ -17,7 +17,7 @@ import torch
 from models import batch, tiny_bert, tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
 from peftkit.core import quantized as Q
-from peftkit.errors import MergeError
+from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora.quantized import QuantizedLoraLinear
 
 
@@ -496,3 +496,42 @@ def test_cli_merge_dtype_exports_the_dequantized_merge(tmp_path, capsys):
         assert {p.dtype for p in merged.parameters()} == {torch.float32 if dtype == "fp32" else torch.bfloat16}
         assert not any(Q.is_quantized(m) for m in merged.modules())
         torch.testing.assert_close(logits(merged, inputs), expected, atol=tol, rtol=tol)
+
+
+def test_loftq_init_through_the_config_then_a_4bit_base(saved, tmp_path):
+    """peft's LoftQ recipe: initialise on the float model, save it, load it in 4 bits with the adapter; the
+    quantized model with the LoftQ adapter is closer to the float model than the quantized model alone."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.methods.lora.loftq import LoftQConfig
+
+    config = LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights="loftq",
+        loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=2),
+    )  # fmt: skip
+    float_model, inputs = load(saved, quant=None), batch("llama")
+    reference = logits(float_model, inputs)
+    pm = get_peft_model(float_model, config)
+    torch.testing.assert_close(logits(pm, inputs), reference, atol=0.05, rtol=0)  # Q + s B A ~ W at init
+    pm.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["loftq_config"] == {
+        "loftq_bits": 4, "loftq_iter": 2
+    }  # fmt: skip
+    pm.unload().save_pretrained(tmp_path / "base")  # the base now holds dequant(Q): a 4-bit load stores it exactly
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quantized = exact_cpu_kernel(AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb))
+    plain_q = exact_cpu_kernel(load(saved))
+    with pytest.warns(UserWarning, match="already quantized"):  # A, B come from the file
+        loftq_model = PeftModel.from_pretrained(quantized, tmp_path / "adapter")
+    gap_loftq = float((logits(loftq_model, inputs) - reference).abs().mean())
+    gap_plain = float((logits(plain_q, inputs) - reference).abs().mean())
+    assert gap_loftq < gap_plain
+    with pytest.raises(ConfigError, match="needs loftq_config"):
+        LoraConfig(init_lora_weights="loftq")
+    on_4bit = LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
+    with pytest.warns(UserWarning, match="already quantized"):
+        get_peft_model(load(saved), on_4bit)

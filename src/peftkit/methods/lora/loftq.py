@@ -17,6 +17,7 @@ B = U sqrt(S), A = sqrt(S) V^T, which assumes s = alpha / r = 1; peftkit divides
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,8 @@ def check(model: nn.Module, config: object, targets: list[str]) -> None:
     for name in targets:
         module = model.get_submodule(name)
         base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if Q.is_quantized(base):  # already holds Q: initialise() leaves it to the checkpoint (see there)
+            continue
         if type(base) is not nn.Linear or not base.weight.is_floating_point():
             raise ConfigError(
                 f"init_lora_weights='loftq' cannot initialise {name!r} ({type(base).__name__}): LoftQ quantizes a "
@@ -94,14 +97,31 @@ def check(model: nn.Module, config: object, targets: list[str]) -> None:
 
 @torch.no_grad()
 def initialise(model: nn.Module, config: object, adapter_name: str, targets: list[str]) -> None:
-    """Algorithm 1 on every wrapped target: base weight <- dequant(Q), A and B <- the SVD factors."""
+    """Algorithm 1 on every wrapped target: base weight <- dequant(Q), A and B <- the SVD factors.
+
+    A target that is already quantized is left alone, with a warning: that is peft's recipe for loading a LoftQ
+    adapter (its A, B come from the checkpoint, its base from the saved dequant(Q) model loaded in 4 bits); a new
+    adapter there starts as plain LoRA (B = 0)."""
+    if torch.empty(()).device.type == "meta":  # a size probe built under torch.device("meta")
+        return
     loftq = settings(config)
+    skipped = []
     for name in targets:
         layer = model.get_submodule(name)
         base = layer.get_base_layer()
+        if Q.is_quantized(base):
+            skipped.append(name)
+            continue
         q, a, b = loftq_factors(
             base.weight, loftq.loftq_bits, layer.r[adapter_name], loftq.loftq_iter, layer.scaling[adapter_name]
         )
         base.weight.copy_(q.to(base.weight.dtype))
         layer.lora_A[adapter_name].weight.copy_(a)
         layer.lora_B[adapter_name].weight.copy_(b)
+    if skipped:
+        warnings.warn(
+            f"init_lora_weights='loftq': {len(skipped)} target(s) are already quantized ({skipped[0]!r}...) and keep "
+            "their weights; a checkpoint loaded over them brings LoftQ's A and B, a new adapter starts at B = 0. "
+            "Run LoftQ on the float model to initialise it.",
+            stacklevel=3,
+        )
