@@ -241,3 +241,23 @@ def test_a_base_weight_that_trains_falls_back_to_plain_autograd():
     assert not fused_ran(out)
     out.sum().backward()
     assert layer.base_layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fp32_factors_on_a_bf16_base_keep_the_bf16_input_not_an_fp32_copy(dropout):
+    base = tiny_llama().to(torch.bfloat16)
+    pm = adapted(base, "all-linear", dropout)
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    ids = torch.randint(0, 100, (2, 16))
+
+    def loss() -> torch.Tensor:
+        return pm(input_ids=ids, labels=ids).loss
+
+    assert fused_ran(pm(input_ids=ids).logits)
+    assert_same(run(pm, loss, True), run(pm, loss, False))
+    sizes = {}
+    for fused in (True, False):
+        with autograd.lora_backward(fused=fused):
+            torch.manual_seed(1)
+            sizes[fused] = saved_storages(loss, pm)
+    assert sizes[True] < 0.8 * sizes[False]  # plain autograd keeps each layer's fp32 cast of its input

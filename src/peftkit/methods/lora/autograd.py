@@ -146,28 +146,31 @@ def _rebuild(skeleton: tuple | None, leaves: Iterator[torch.Tensor]) -> torch.Te
 class LoraLinearFunction(torch.autograd.Function):
     """h (N, out) = x2 W^T + b + sum_a s_a (B_a A_a d_a(x2) + c_a); see the module docstring for what it keeps.
 
-    Inputs: x2 (N, in), weight_t (in, out) (frozen), bias (out,) or None, plan: per adapter (s_a, p_a), then the flat
-    list A_1 (r, in), B_1 (out, r), c_1 (out,) or None, A_2, ...; ``recipe``: ``input_recipe(x)`` or None."""
+    Inputs: x2 (N, in), weight_t (in, out) (frozen) and bias (out,) or None for both (then the caller runs the base
+    layer and this function gives the low-rank terms alone), plan: per adapter (s_a, p_a), then the flat list
+    A_1 (r, in), B_1 (out, r), c_1 (out,) or None, A_2, ...; ``recipe``: ``input_recipe(x)`` or None. The low-rank
+    terms are computed in the factors' dtype (fp32 factors on a bf16 base: x cast, as the plain path does)."""
 
     @staticmethod
     def forward(ctx: Any, x2: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, plan: tuple,
                 recipe: tuple | None, *factors: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         acc, keep = bias, []
+        xl = x2.to(factors[0].dtype)  # x2 itself unless the factors' dtype differs (then a temporary, not kept)
         for k, (s, p) in enumerate(plan):
             a, b, c = factors[3 * k : 3 * k + 3]
             bits = None
             if p > 0:
-                noise = torch.empty_like(x2).bernoulli_(1 - p)  # F.dropout's own draw on CPU
+                noise = torch.empty_like(xl).bernoulli_(1 - p)  # F.dropout's own draw on CPU
                 bits = _pack(noise)
-                h = F.linear(x2 * noise.div_(1 - p), a) * s  # (N, r)
+                h = F.linear(xl * noise.div_(1 - p), a) * s  # (N, r)
                 del noise
             else:
-                h = F.linear(x2, a) * s  # (N, r)
+                h = F.linear(xl, a) * s  # (N, r)
             acc = torch.mm(h, b.T) if acc is None else torch.addmm(acc, h, b.T)  # (N, out)
             if c is not None:
                 acc = acc + c * s
             keep += [h, bits]
-        out = acc.addmm_(x2, weight_t)  # acc is fresh: the base GEMM accumulates into it
+        out = acc if weight_t is None else acc.addmm_(x2, weight_t)  # acc is fresh: the base GEMM accumulates in it
         ctx.plan, ctx.x_shape = plan, x2.shape
         ctx.recipe = None if recipe is None else _skeleton(recipe)
         source = _leaves(recipe) if recipe is not None else [x2]
@@ -182,24 +185,26 @@ class LoraLinearFunction(torch.autograd.Function):
         n = len(ctx.plan)
         factors, keep = saved[ctx.n_source + 1 : ctx.n_source + 1 + 3 * n], saved[ctx.n_source + 1 + 3 * n :]
         x2 = _input(ctx, source)
+        xl = x2.to(factors[0].dtype)
         need = ctx.needs_input_grad
-        grad_x = g @ weight_t.T if need[0] else None  # (N, in)
+        grad_x = g @ weight_t.T if need[0] and weight_t is not None else None  # (N, in)
         grads: list[torch.Tensor | None] = []
         for k, (s, p) in enumerate(ctx.plan):
             a, b, c = factors[3 * k : 3 * k + 3]
             h, bits = keep[2 * k], keep[2 * k + 1]
             need_a, need_b, need_c = need[5 + 3 * k : 8 + 3 * k]
-            noise = _noise(bits, x2, p) if p > 0 and (need_a or need[0]) else None
+            noise = _noise(bits, xl, p) if p > 0 and (need_a or need[0]) else None
             gh = (g @ b) * s if need_a or need[0] else None  # (N, r): dL/d(A_a d_a(x))
-            grad_a = gh.T @ (x2 * noise if noise is not None else x2) if need_a else None  # (r, in)
+            grad_a = gh.T @ (xl * noise if noise is not None else xl) if need_a else None  # (r, in)
             grad_b = g.T @ h if need_b else None  # (out, r)
             grad_c = g.sum(0) * s if need_c and c is not None else None
-            if grad_x is not None:
+            if need[0]:
                 back = gh @ a  # (N, in)
-                grad_x.add_(back * noise if noise is not None else back)
+                back = back * noise if noise is not None else back
+                grad_x = back if grad_x is None else grad_x.add_(back)
             grads += [grad_a, grad_b, grad_c]
         grad_bias = g.sum(0) if need[2] else None
-        return grad_x, None, grad_bias, None, None, *grads
+        return None if grad_x is None else grad_x.to(x2.dtype), None, grad_bias, None, None, *grads
 
 
 def _input(ctx: Any, source: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -221,24 +226,31 @@ def plan_for(layer: nn.Module, names: list[str]) -> tuple | None:
     return tuple(plan)
 
 
-def applies(weight_t: torch.Tensor) -> bool:
-    """Whether the fused path is exact and worth it here: on, gradients recorded, a frozen base weight."""
-    return _SETTINGS["fused"] and torch.is_grad_enabled() and not weight_t.requires_grad
+def applies(x: torch.Tensor, weight_t: torch.Tensor | None) -> bool:
+    """Whether the fused path is exact and worth it here: on, gradients recorded, no autocast (its casts would not
+    reach backward), a frozen base weight."""
+    if not _SETTINGS["fused"] or not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return weight_t is None or not weight_t.requires_grad
 
 
-def lora_linear(layer: nn.Module, x: torch.Tensor, weight_t: torch.Tensor, names: list[str]) -> torch.Tensor | None:
-    """``layer``'s output for ``x`` (..., in) through :class:`LoraLinearFunction`, or None where it does not apply
-    (then the caller takes plain autograd's path)."""
-    if not applies(weight_t):
-        return None
-    plan = plan_for(layer, names)
+def lora_linear(
+    layer: nn.Module, x: torch.Tensor, weight_t: torch.Tensor | None, names: list[str]
+) -> torch.Tensor | None:
+    """``layer``'s output for ``x`` (..., in) through :class:`LoraLinearFunction` (``weight_t`` None: its low-rank
+    terms alone, in the factors' dtype, for a base layer the caller runs), or None where it does not apply (then the
+    caller takes plain autograd's path)."""
+    plan = plan_for(layer, names) if applies(x, weight_t) else None
     if plan is None:
         return None
     factors: list[torch.Tensor | None] = []
     for name in names:
         lora_b = layer.lora_B[name]
         factors += [layer.lora_A[name].weight, lora_b.weight, lora_b.bias]
+    if len({f.dtype for f in factors if f is not None}) > 1:  # adapters in different dtypes: the plain path
+        return None
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     recipe = input_recipe(x) if any(f.requires_grad for f in factors[::3]) else None
-    out = LoraLinearFunction.apply(x2, weight_t, layer.base_layer.bias, plan, recipe, *factors)  # (N, out)
+    bias = None if weight_t is None else layer.base_layer.bias
+    out = LoraLinearFunction.apply(x2, weight_t, bias, plan, recipe, *factors)  # (N, out)
     return out.reshape(*x.shape[:-1], -1)

@@ -259,7 +259,7 @@ class LoraLinear(LoraLayer):
         weight_t = self._plain_weight(x, *args, **kwargs)  # (in, out) or None
         if weight_t is None:
             result = self.base_layer(x, *args, **kwargs)  # (..., out)
-            delta = self._routed(x, None) if routed else self._delta(x.reshape(-1, x.shape[-1]), live, None)
+            delta = self._routed(x, None) if routed else self._beside(x, live)
             return result + delta.reshape(result.shape).to(result.dtype)
         if not routed:  # LoRA's own backward (methods/lora/autograd.py): keeps x, A d(x) and mask bits only
             fused = autograd.lora_linear(self, x, weight_t, live)
@@ -270,6 +270,12 @@ class LoraLinear(LoraLayer):
         delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)
         # in place: delta is a fresh tensor no backward needs, so the GEMM accumulates into it without a copy
         return delta.reshape(x2.shape[0], -1).addmm_(x2, weight_t).reshape(*x.shape[:-1], -1)
+
+    def _beside(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """sum_a s_a B_a A_a x beside a base layer this call runs itself (quantized, hooked, another dtype): through
+        LoRA's own backward where it applies (a bf16 input then stays the one kept, not an fp32 copy), else plainly."""
+        fused = autograd.lora_linear(self, x, None, names)
+        return fused if fused is not None else self._delta(x.reshape(-1, x.shape[-1]), names, None)
 
     def _delta(self, x2: torch.Tensor, names: list[str], bias: torch.Tensor | None) -> torch.Tensor:
         """bias + sum_a s_a ((x A_a^T) B_a^T + c_a) for rows x2 (N, in); the scale is applied to the small (N, r)
