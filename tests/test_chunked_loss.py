@@ -148,3 +148,14 @@ def test_falls_back_to_the_models_loss_where_chunking_would_not_be_exact():
         assert (out is None and want is None) or (type(out.grad_fn).__name__ != "ChunkedCausalLMLossBackward")
         if want is not None:
             torch.testing.assert_close(out, want)
+
+
+def test_peftkit_train_computes_the_causal_lm_loss_in_chunks():
+    from peftkit.train.losses import causal_lm_loss as train_loss
+
+    pm = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    ids = torch.randint(1, VOCAB, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    got = train_loss(pm, batch)
+    assert type(got.grad_fn).__name__ == "ChunkedCausalLMLossBackward"
+    torch.testing.assert_close(got, pm(**batch).loss, atol=1e-5, rtol=1e-5)
