@@ -107,6 +107,10 @@ class TrainConfig:
             "base's memory)."
         },
     )
+    quantize: str | None = field(
+        default=None,
+        metadata={"help": "QLoRA: store the base's Linear layers as nf4, fp4, int8 or torchao-int8 (not the heads)."},
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: CPU cores / processes)."})
     fsdp: bool = field(
         default=False, metadata={"help": "Shard the model over the processes with FSDP2 (one unit per block)."}

@@ -147,7 +147,12 @@ def load_base_model(config, task: str, labels: list[str] | None = None) -> nn.Mo
     """The base model of a training run (``config``: a TrainConfig): ``config.model`` for ``task`` with its weights
     in ``config.dtype`` (``--dtype``). The one place a run loads its base; what it returns is frozen and wrapped by
     the method, whose adapter tensors stay in float32 (``get_peft_model``'s ``autocast_adapter_dtype``)."""
-    return load_model(config.model, task, labels, dtype=TORCH_DTYPES[config.dtype])
+    model = load_model(config.model, task, labels, dtype=TORCH_DTYPES[config.dtype])
+    if getattr(config, "quantize", None):  # QLoRA: the Linear layers stored in 4 / 8 bits (integrations/kbit.py)
+        from peftkit.integrations.kbit import quantize_model
+
+        model = quantize_model(model, config.quantize)
+    return model
 
 
 def load_model(ref: str, task: str, labels: list[str] | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
