@@ -535,3 +535,31 @@ def test_loftq_init_through_the_config_then_a_4bit_base(saved, tmp_path):
     on_4bit = LoraConfig(target_modules=["q_proj"], init_lora_weights="loftq", loftq_config={"loftq_bits": 4})
     with pytest.warns(UserWarning, match="already quantized"):
         get_peft_model(load(saved), on_4bit)
+
+
+def test_cli_train_quantize_trains_adapters_on_a_4bit_base(tmp_path, capsys):
+    import tiny_runs as T
+    import yaml
+
+    from peftkit.cli.main import main
+
+    folder, data, out = T.bert_folder(tmp_path / "bert"), tmp_path / "rows.csv", tmp_path / "run"
+    T.write_csv(data, T.sentiment_rows(48))
+    args = ["train", "--model", folder, "--data", data, "--output-dir", out, "--threads", "1", "--no-progress",
+            "--batch-size", "16", "--max-steps", "2", "--r", "4", "--target-modules", "query,value",
+            "--quantize", "nf4"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code == 0, capsys.readouterr().err[-2000:]
+    recorded = yaml.safe_load(next(out.rglob("train_config.yaml")).read_text())
+    assert recorded["quantize"] == "nf4"
+    adapter = next(p.parent for p in out.rglob("adapter_model.safetensors"))
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k or "classifier" in k for k in tensors)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", str(folder), "--data", str(data), "--output-dir", str(tmp_path / "bad"),
+              "--quantize", "nf3"])  # fmt: skip
+    assert exit_info.value.code != 0
+    assert "nf3" in capsys.readouterr().err

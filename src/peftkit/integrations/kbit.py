@@ -72,6 +72,9 @@ def _quantized_linear(layer: nn.Linear, quant: str, compute_dtype: torch.dtype, 
         new.weight = bnb.nn.Params4bit(
             layer.weight.data.cpu(), requires_grad=False, quant_type=quant, compress_statistics=double_quant, module=new
         )
+        # bitsandbytes repacks a 4-bit weight for AVX512-BF16 CPUs on its first eval forward, for good: bf16 scales,
+        # and later training steps through that layout fail on trainable biases (and it raises for in_features < 64)
+        new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = nn.Parameter(layer.bias.data.clone(), requires_grad=False)
     return new.to(layer.weight.device)  # quantizes
