@@ -20,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
 from models import perturb, tiny_gpt2, tiny_llama  # noqa: E402
-from peftkit import LoraConfig, get_peft_model  # noqa: E402
+from peftkit import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from peftkit.serve.batch import KVBatch, decode_step, prefill  # noqa: E402
 from peftkit.serve.protocol import Limits  # noqa: E402
 from peftkit.serve.sampling import TextStream, top_p_filter  # noqa: E402
@@ -97,6 +97,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         perturb(pm, "default", seed, 0.3)
         out[name] = (tmp / "elsewhere" / name) if name == "outside" else (out["root"] / name)
         pm.save_pretrained(out[name])
+    prompt = get_peft_model(tiny_llama(**config), PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    prompt.save_pretrained(out["root"] / "prompt")  # hooks the inputs: refused by the server
     (out["root"] / "link").symlink_to(out["outside"])  # inside the root by name, outside once resolved
     return out
 
@@ -226,6 +228,8 @@ def test_seed_repeats_and_stop_cuts(client):
 
 def test_load_unload_at_run_time_and_lru(client, server, folders):
     http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"})
+    soft = http.post("/v1/adapters", json={"name": "soft", "path": "prompt"})
+    assert soft.status_code == 400 and "hooks the model's inputs" in soft.json()["error"]["message"]
     assert http.post("/v1/adapters", json={"name": "delta", "path": "delta"}).status_code == 201
     registry = server.state.registry
     assert len(registry.resident) <= 3 and "delta" in registry.resident  # LRU cap: one of the others left memory
@@ -246,6 +250,7 @@ def test_load_unload_at_run_time_and_lru(client, server, folders):
         ("post", "/v1/adapters", {"name": "x", "path": "/etc"}, 403),
         ("post", "/v1/adapters", {"name": "linked", "path": "link"}, 403),
         ("post", "/v1/adapters", {"name": "empty", "path": "."}, 400),
+        ("post", "/v1/adapters", {"name": "soft", "path": "prompt"}, 400),
         ("post", "/v1/adapters", {"name": "alpha", "path": "alpha"}, 400),
         ("delete", "/v1/adapters/nope", None, 404),
         ("post", "/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
@@ -297,12 +302,20 @@ def test_graceful_shutdown_finishes_running_requests(folders):
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-def test_rows_joining_and_leaving_match_each_row_alone(build):
+@pytest.mark.parametrize(
+    ("build", "config"),
+    [
+        (tiny_llama, lambda: LoraConfig(r=4, target_modules="all-linear")),
+        (tiny_gpt2, lambda: LoraConfig(r=4, target_modules="all-linear")),
+        (tiny_llama, lambda: IA3Config(task_type="CAUSAL_LM")),
+    ],
+    ids=["llama-lora", "gpt2-lora", "llama-ia3"],
+)
+def test_rows_joining_and_leaving_match_each_row_alone(build, config):
     """batch.py: two rows prefilled together, two more joining mid-way, rows leaving: each equals its own run
-    (Llama: rotary positions, grouped-query attention; GPT-2: learned positions, Conv1D layers)."""
-    pm = get_peft_model(build(), LoraConfig(r=4, target_modules="all-linear"), "a")
-    pm.add_adapter("b", LoraConfig(r=4, target_modules="all-linear"))
+    (Llama: rotary positions, grouped-query attention; GPT-2: learned positions, Conv1D layers; (IA)3 as well)."""
+    pm = get_peft_model(build(), config(), "a")
+    pm.add_adapter("b", config())
     perturb(pm, "a", 1, 0.5), perturb(pm, "b", 2, 0.5)
     pm.eval()
     prompts, names, steps = [[5, 6, 7, 8], [10, 11], [3, 4, 5, 6, 7, 8, 9], [20]], ["a", "b", "__base__", "a"], 6
