@@ -261,3 +261,14 @@ def test_fp32_factors_on_a_bf16_base_keep_the_bf16_input_not_an_fp32_copy(dropou
             torch.manual_seed(1)
             sizes[fused] = saved_storages(loss, pm)
     assert sizes[True] < 0.8 * sizes[False]  # plain autograd keeps each layer's fp32 cast of its input
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (5, 7), (3, 8)])
+def test_dropout_masks_round_trip_through_bits(shape):
+    mask = torch.empty(shape).bernoulli_(0.7)
+    bits = autograd._pack(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    torch.testing.assert_close(autograd._noise(bits, mask, 0.3), mask / 0.7, atol=0, rtol=0)
+    if mask.numel() % 8 == 0:  # the fast path packs as the general one does
+        flat = mask.reshape(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
+        assert torch.equal(bits, flat.sum(-1, dtype=torch.uint8))

@@ -62,10 +62,15 @@ def lora_backward_settings() -> dict[str, bool]:
 
 
 # ---- dropout masks as bits ------------------------------------------------------------------------------------
+_GATHER = 0x0102040810204080  # times 8 bytes of 0/1 (an int64): their bits land in the top byte, element i in bit i
+
+
 def _pack(mask: torch.Tensor) -> torch.Tensor:
-    """A 0/1 tensor -> uint8 bits, 8 elements a byte (padded at the end)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = F.pad(flat, (0, -flat.numel() % 8))
+    """A 0/1 tensor -> uint8 bits, 8 elements a byte, element i of each 8 in bit i (padded at the end)."""
+    if mask.numel() % 8 == 0 and mask.is_contiguous():  # one multiply per 8 elements instead of a shift and a sum
+        words = (mask.reshape(-1, 8) != 0).view(torch.int64)[:, 0]
+        return ((words * _GATHER) >> 56).to(torch.uint8)
+    flat = F.pad(mask.reshape(-1).to(torch.uint8), (0, -mask.numel() % 8))
     return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
 
 
