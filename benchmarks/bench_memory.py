@@ -49,8 +49,9 @@ from peftkit.methods.lora.autograd import lora_backward  # noqa: E402
 transformers.logging.set_verbosity_error()
 
 
-def pair(base, targets, task_type: str, dropout: float, r: int = 16):
-    """(peftkit model, peft model) over copies of ``base`` with the same random LoRA values, in train mode."""
+def pair(base, targets, task_type: str, dropout: float, r: int = 16, check: bool = True):
+    """(peftkit model, peft model) over copies of ``base`` with the same random LoRA values, in train mode (``check``:
+    their eval-mode outputs agree)."""
     kw = dict(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task_type, lora_dropout=dropout)
     ours = peftkit.get_peft_model(copy.deepcopy(base), peftkit.LoraConfig(**kw, init_lora_weights=False))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw))
@@ -63,6 +64,8 @@ def pair(base, targets, task_type: str, dropout: float, r: int = 16):
     peft.set_peft_model_state_dict(theirs, io.to_file_keys(state))
     ours.train()
     theirs.train()
+    if not check:
+        return ours, theirs
     with torch.no_grad():  # eval-mode outputs agree (no dropout draw in the comparison)
         ours.eval(), theirs.eval()
         probe = {k: v[:1, :16] for k, v in common.make_batch("llama", 1, 16, 100).items() if k != "labels"}
