@@ -91,8 +91,8 @@ def test_causal_lm_default_lr_is_lower_than_the_classification_one_and_printed(f
 
     lora = get_method("lora").training.learning_rate
     result = train(lm_config(files, tmp_path / "lm", lr=None, max_steps=1, eval_before=False))
-    assert result.lr == pytest.approx(lora * CAUSAL_LM_LR_FACTOR) and result.lr == pytest.approx(2e-4)
-    assert "lr 2e-04 (lora's default for causal LMs" in capsys.readouterr().out
+    assert result.lr == pytest.approx(lora * CAUSAL_LM_LR_FACTOR) and result.lr == pytest.approx(1e-3)
+    assert "lr 1e-03 (lora's default for causal LMs" in capsys.readouterr().out
     cls = TrainConfig(model=str(files["bert"]), data=str(files["csv"]), method_args=LORA_BERT, max_steps=1,
                       progress=False, threads=1, eval_before=False, output_dir=str(tmp_path / "cls"))  # fmt: skip
     assert train(cls).lr == lora == 2e-3  # the classifier demo's rate is unchanged

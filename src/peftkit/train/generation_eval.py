@@ -99,3 +99,19 @@ def generation_eval(
             }
         )
     return {"exact_match": sum(s["exact_match"] for s in samples) / len(samples)}, samples
+
+
+def show_samples(samples: dict[str, list[dict[str, Any]]], width: int = 300) -> str:
+    """The dev answers generated after training (and before, for the same prompts), for the run's printout."""
+    before = {s["prompt"]: s["generated"] for s in samples.get("before", [])}
+    lines = []
+    for i, sample in enumerate(samples["after"], 1):
+        prompt = " ".join(sample["prompt"].split())[-width:]
+        lines.append(
+            f"--- dev prompt {i}: ...{prompt}" if len(sample["prompt"]) > width else f"--- dev prompt {i}: {prompt}"
+        )
+        if sample["prompt"] in before:
+            lines.append(f"before: {before[sample['prompt']][:width]}")
+        lines.append(f"after:  {sample['generated'][:width]}")
+        lines.append(f"reference: {sample['reference'][:width]}")
+    return "\n".join(lines)

@@ -38,6 +38,7 @@ from peftkit.train import checkpoint
 from peftkit.train import data as D
 from peftkit.train.config import TrainConfig
 from peftkit.train.evaluation import evaluate
+from peftkit.train.generation_eval import show_samples
 from peftkit.train.losses import causal_lm_loss
 from peftkit.train.metrics import HIGHER_IS_BETTER
 from peftkit.train.models import TASK_TYPES, load_tokenizer
@@ -368,6 +369,8 @@ class Trainer:
                 self._say(self.method.training.report(self.pm))
             if result.majority is not None:
                 self._say(f"majority class: {result.majority:.4f}; output: {self.out}")
+            if result.samples["after"]:
+                self._say(show_samples(result.samples))
         self.acc.wait_for_everyone()
         return result
 
