@@ -127,6 +127,18 @@ def test_csv_log_and_line_logs_without_progress(files, tmp_path, capsys):
     assert len(lines) == 2 and lines[0].startswith("step 3/6: loss ") and "tokens/s" in lines[0]
 
 
+def test_log_lines_when_stdout_is_not_a_terminal(files, tmp_path, capsys, monkeypatch):
+    from peftkit.train import trackers
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True, raising=False)
+    assert trackers.interactive(True) and not trackers.interactive(False)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+    assert not trackers.interactive(True)
+    train(lm_config(files, tmp_path, progress=True, log_steps=2, max_steps=2))  # progress on, stdout captured
+    lines = capsys.readouterr()
+    assert "step 2/2: loss " in lines.out and "train lora" not in lines.err  # a line, no bar
+
+
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow", "trackio"])
 def test_a_tracker_that_is_not_installed_names_its_package(files, tmp_path, tracker):
     import importlib.util
