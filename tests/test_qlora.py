@@ -8,6 +8,7 @@ exactness tests switch that off (``support_avx512bf16_for_cpu = False``) so that
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 
@@ -63,8 +64,18 @@ def exact_cpu_kernel(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+_LOADED: dict[tuple, torch.nn.Module] = {}
+
+
 def load(saved: dict, kind: str = "llama", quant: str = "nf4", double: bool = False, dtype=torch.float32):
-    """The saved tiny model loaded through transformers' quantization configs."""
+    """The saved tiny model loaded through transformers' quantization configs (each load once; a copy per call)."""
+    key = (saved[kind], kind, quant, double, dtype)
+    if key not in _LOADED:
+        _LOADED[key] = _load(saved, kind, quant, double, dtype)
+    return copy.deepcopy(_LOADED[key])
+
+
+def _load(saved: dict, kind: str, quant: str | None, double: bool, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSequenceClassification
