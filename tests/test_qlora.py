@@ -574,3 +574,23 @@ def test_cli_train_quantize_trains_adapters_on_a_4bit_base(tmp_path, capsys):
               "--quantize", "nf3"])  # fmt: skip
     assert exit_info.value.code != 0
     assert "nf3" in capsys.readouterr().err
+
+
+def test_replace_lora_weights_loftq_on_a_4bit_model(saved):
+    from peftkit import replace_lora_weights_loftq
+
+    inputs = batch("llama")
+    reference, plain = logits(load(saved, quant=None), inputs), logits(load(saved), inputs)
+    pm = get_peft_model(load(saved), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    asked = []
+    replace_lora_weights_loftq(pm, callback=lambda model, name: asked.append(name) or False)  # every layer refused
+    assert len(asked) == 14 and all(torch.count_nonzero(m.lora_B["default"].weight) == 0 for m in qlayers(pm))
+    replace_lora_weights_loftq(pm)  # the weights from config._name_or_path's safetensors
+    gap_loftq = float((logits(pm, inputs) - reference).abs().mean())
+    assert gap_loftq < float((plain - reference).abs().mean())
+    with pytest.raises(ConfigError, match=r"no \.safetensors file"):
+        replace_lora_weights_loftq(pm, model_path="/nonexistent")
+
+
+def qlayers(model: torch.nn.Module) -> list[QuantizedLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantizedLoraLinear)]

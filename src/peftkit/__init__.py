@@ -50,7 +50,7 @@ from peftkit.methods.lokr import LoKrConfig
 from peftkit.methods.lora import CordaConfig, EvaConfig, LoraConfig
 from peftkit.methods.lora.corda import preprocess_corda
 from peftkit.methods.lora.eva import get_eva_state_dict, initialize_lora_eva_weights
-from peftkit.methods.lora.loftq import LoftQConfig
+from peftkit.methods.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from peftkit.methods.lora.loraplus import create_loraplus_optimizer
 from peftkit.methods.oft import OFTConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -123,6 +123,7 @@ __all__ = [
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftkit.core import quantized as Q
+from peftkit.core.method import AdapterHost
 from peftkit.errors import ConfigError
 
 BITS = {4: "nf4", 8: "int8"}
@@ -57,12 +60,18 @@ def loftq_factors(
     low = torch.zeros_like(w)
     for _ in range(iters):
         q = Q.roundtrip(w - low, BITS[bits])  # (out, in)
-        u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
-        root = s[:r].sqrt()  # (r,)
-        b, a = u[:, :r] * root, root[:, None] * vh[:r]  # (out, r), (r, in)
+        a, b = svd_factors(w - q, r, 1.0)
         low = b @ a
     norm = math.sqrt(scaling)
     return q, a / norm, b / norm
+
+
+def svd_factors(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in), B (out, r) with s B A the best rank-r approximation of ``residual`` (out, in):
+    B = U_r sqrt(S_r) / sqrt(s), A = sqrt(S_r) V_r^T / sqrt(s)."""
+    u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    root = s[:r].sqrt() / math.sqrt(scaling)  # (r,)
+    return root[:, None] * vh[:r], u[:, :r] * root
 
 
 def settings(config: object) -> LoftQConfig:
@@ -125,3 +134,61 @@ def initialise(model: nn.Module, config: object, adapter_name: str, targets: lis
             "Run LoftQ on the float model to initialise it.",
             stacklevel=3,
         )
+
+
+def _weight_files(peft_model: AdapterHost, model_path: str | None) -> dict[str, Path]:
+    """Tensor name -> the .safetensors file holding it, for the original (unquantized) weights."""
+    from safetensors import safe_open
+
+    source = model_path or getattr(getattr(peft_model.model, "config", None), "_name_or_path", None)
+    folder = Path(source) if source else None
+    files = [] if folder is None else sorted(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+    files = [f for f in files if f.suffix == ".safetensors" and f.is_file()]
+    if not files:
+        raise ConfigError(
+            f"replace_lora_weights_loftq: no .safetensors file at model_path={source!r}; pass the folder (or file) "
+            "holding the model's original float weights in safetensors (pickle checkpoints cannot be read lazily)."
+        )
+    index = {}
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), file))
+    return index
+
+
+@torch.no_grad()
+def replace_lora_weights_loftq(
+    peft_model: AdapterHost,
+    model_path: str | None = None,
+    adapter_name: str = "default",
+    callback: Callable[[AdapterHost, str], bool] | None = None,
+) -> None:
+    """peft's ``replace_lora_weights_loftq``: one LoftQ step for a model already loaded in 4 bits. For each LoRA layer
+    over a bitsandbytes Linear4bit, read its original weight W from ``model_path``'s safetensors (default: the model's
+    ``config._name_or_path``) and set s B A = SVD_r(W - dequant(Q)). ``callback(peft_model, module_name)`` is asked
+    after each layer; False puts that layer's previous A and B back (a greedy check, e.g. on logits)."""
+    from safetensors import safe_open
+
+    from peftkit.methods.lora.quantized import QuantizedLoraLinear
+
+    index = _weight_files(peft_model, model_path)
+    for name, layer in peft_model.model.named_modules():
+        if not isinstance(layer, QuantizedLoraLinear) or adapter_name not in layer.r:
+            continue
+        if Q.kind(layer.get_base_layer()) not in ("nf4", "fp4"):
+            continue
+        key = name + ".weight"
+        if key not in index:
+            raise ConfigError(f"replace_lora_weights_loftq: {key!r} is not in the safetensors at {model_path!r}.")
+        with safe_open(index[key], "pt") as handle:
+            weight = handle.get_tensor(key).float()
+        a, b = svd_factors(
+            weight - Q.dequantize(layer.get_base_layer()), layer.r[adapter_name], layer.scaling[adapter_name]
+        )
+        lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        before = (lora_a.clone(), lora_b.clone())
+        lora_a.copy_(a)
+        lora_b.copy_(b)
+        if callback is not None and not callback(peft_model, name):
+            lora_a.copy_(before[0])
+            lora_b.copy_(before[1])
