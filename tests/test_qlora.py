@@ -594,3 +594,18 @@ def test_replace_lora_weights_loftq_on_a_4bit_model(saved):
 
 def qlayers(model: torch.nn.Module) -> list[QuantizedLoraLinear]:
     return [m for m in model.modules() if isinstance(m, QuantizedLoraLinear)]
+
+
+def test_dora_merge_over_nf4_and_exact_unmerge(saved):
+    pm = get_peft_model(load(saved), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True))
+    perturb(pm, scale=0.05)
+    inputs = batch("llama")
+    with pm.disable_adapter():
+        base = logits(pm, inputs)
+    unmerged, before = logits(pm, inputs), stored(pm)
+    pm.merge_adapter()
+    assert all(m.merge_rounding_error is not None for m in qlayers(pm))
+    assert (logits(pm, inputs) - unmerged).abs().max() < (unmerged - base).abs().max()
+    pm.unmerge_adapter()
+    assert all(map(torch.equal, before.values(), stored(pm).values()))
+    torch.testing.assert_close(logits(pm, inputs), unmerged, atol=0, rtol=0)
