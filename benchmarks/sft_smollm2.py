@@ -4,8 +4,10 @@ Model: the built-in SmolLM2-135M-Instruct (float32, CPU). Data: Alpaca-200 (../s
 conversations (one user turn: instruction [+ input]; one assistant turn: output), 20 rows held out by a seeded
 shuffle. Both sides: LoRA r=8, alpha=16 on q/k/v/o_proj, dropout 0, AdamW at lr 1e-3, linear decay without warmup,
 ``--steps`` steps of ``--batch-size`` rows (packed rows of ``--max-length`` tokens with packing), seed 0, one
-thread. peftkit trains on the assistant turn only (its chat mask); TRL on the completion only (prompt-completion
-format, TRL's completion_only_loss), packing with TRL's default "bfd" strategy.
+thread, activation checkpointing off on both sides unless ``--gradient-checkpointing`` (TRL's SFTConfig turns it on
+by default; this script sets it explicitly on both). peftkit trains on the assistant turn only (its chat mask);
+TRL on the completion only (prompt-completion format, TRL's completion_only_loss), packing with TRL's default "bfd"
+strategy.
 
 Measured per run, each in a fresh process (so that peak memory is the run's own): tokens/s (non-padding tokens
 fed to the model over the training wall-clock time: peftkit's train loop, TRL's ``trainer.train()``), peak memory
@@ -71,6 +73,7 @@ def settings(args: argparse.Namespace, folder: Path, packing: bool, out: Path):
         progress=False,
         threads=1,
         seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
         output_dir=str(out),
     )
 
@@ -159,6 +162,7 @@ def run_trl(args: argparse.Namespace, folder: Path, packing: bool, out: Path) ->
         logging_steps=1,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        gradient_checkpointing=args.gradient_checkpointing,  # TRL's own default is True: set it like peftkit's
     )
     trainer = trl.SFTTrainer(
         model=model,
@@ -195,6 +199,7 @@ def main() -> None:
     parser.add_argument("--one", choices=["peftkit", "trl"])
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--folder")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="On both sides (TRL's default).")
     args = parser.parse_args()
     if args.one:
         one(args)
@@ -202,6 +207,7 @@ def main() -> None:
     folder = data_folder(Path(tempfile.mkdtemp(prefix="sft_data_")))
     results: dict[tuple[str, bool], list[dict]] = {}
     common = ["--steps", args.steps, "--batch-size", args.batch_size, "--max-length", args.max_length, "--lr", args.lr]
+    common += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     for _ in range(args.repeats):
         for packing in (False, True):
             for side in ("peftkit", "trl"):  # alternate, so that load changes hit both sides alike
@@ -213,7 +219,9 @@ def main() -> None:
                     raise SystemExit(f"{side} packing={packing} failed:\n{done.stderr[-3000:]}")
                 results.setdefault((side, packing), []).append(json.loads(line[7:]))
                 print(side, "packing" if packing else "no packing", results[(side, packing)][-1], flush=True)
-    print(f"\n{args.steps} steps x {args.batch_size} rows, max length {args.max_length}, medians of {args.repeats}")
+    checkpointing = "on" if args.gradient_checkpointing else "off"
+    print(f"\n{args.steps} steps x {args.batch_size} rows, max length {args.max_length}, checkpointing {checkpointing}")
+    print(f"medians of {args.repeats} alternating runs")
     print("| packing | trainer | tokens/s | peak MB | held-out loss |")
     print("|---|---|---|---|---|")
     for (side, packing), runs in results.items():
