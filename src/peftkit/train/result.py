@@ -38,6 +38,14 @@ class TrainResult:
         return out
 
 
+def majority_share(dev: list[dict], num_labels: int) -> float | None:
+    """The majority-class baseline: the share of the commonest class among the dev rows (None without rows)."""
+    if not dev:
+        return None
+    counts = torch.bincount(torch.tensor([e["labels"] for e in dev]), minlength=num_labels)
+    return float(counts.max() / counts.sum())
+
+
 class MemoryMonitor:
     """Peak memory while training: CUDA's allocator peak, or on CPU the peak resident set size sampled from
     /proc every 20 ms (minus the size at the start)."""

@@ -43,7 +43,7 @@ from peftkit.train.losses import causal_lm_loss
 from peftkit.train.metrics import HIGHER_IS_BETTER
 from peftkit.train.models import TASK_TYPES, load_tokenizer
 from peftkit.train.output_dir import clear_previous_run, writable_dir
-from peftkit.train.result import MemoryMonitor, TrainResult
+from peftkit.train.result import MemoryMonitor, TrainResult, majority_share
 from peftkit.train.setup import (
     best_metric,
     build_method_config,
@@ -76,7 +76,8 @@ class Trainer:
         self.main = self.acc.is_main_process
         self._threads_before = torch.get_num_threads()  # restored when train() ends
         torch.set_num_threads(config.threads or cpu_threads(self.acc.num_processes))
-        self._seed_everything(config.seed)
+        random.seed(config.seed)  # initialisation and dropout; the data order has its own seeded generator
+        torch.manual_seed(config.seed)
         self.tokenizer = tokenizer or load_tokenizer(config.model)
         self._prepare_data()
         method_config = build_method_config(config.method, config.method_args, TASK_TYPES[self.task], config.model)
@@ -110,11 +111,6 @@ class Trainer:
         self.grad_norm, self.tokens, self.stop_reason = 0.0, 0, None
 
     # ---- setup -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _seed_everything(seed: int) -> None:
-        random.seed(seed)
-        torch.manual_seed(seed)
-
     def _prepare_data(self) -> None:
         data = D.prepare(self.config, self.tokenizer, self._say)
         self.columns, self.task, self.labels = data.columns, data.columns.task, data.labels
@@ -229,8 +225,7 @@ class Trainer:
         return float(self.acc.reduce(total, reduction="mean"))
 
     def _task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of one micro-batch: the model's own (classification), or the causal-LM loss over the
-        positions whose label is not IGNORE (peftkit.train.losses.causal_lm_loss, the one place it is computed)."""
+        """A micro-batch's loss: the classifier's own, or peftkit.train.losses.causal_lm_loss (its one call site)."""
         if self.task == "causal_lm":
             return causal_lm_loss(self.model, batch)
         return self.model(**batch).loss
@@ -299,12 +294,11 @@ class Trainer:
         bar.close()
 
     def _out_of_time(self) -> bool:
-        """--max-minutes: True once the budget is spent (every process decides on rank 0's clock)."""
-        if self.config.max_minutes is None:
+        """--max-minutes: True once the budget is spent (every process decides on the mean of their clocks)."""
+        if self.config.max_minutes is None or self.state["step"] >= self.total_steps:
             return False
-        spent = torch.tensor(float(time.perf_counter() - self.loop_start), device=self.acc.device)
-        spent = float(self.acc.reduce(spent, reduction="mean")) if self.acc.num_processes > 1 else float(spent)
-        if spent < 60 * self.config.max_minutes or self.state["step"] >= self.total_steps:
+        spent = self.acc.reduce(torch.tensor(time.perf_counter() - self.loop_start, device=self.acc.device), "mean")
+        if float(spent) < 60 * self.config.max_minutes:
             return False
         self.stop_reason = f"time budget of {self.config.max_minutes:g} min spent at step {self.state['step']}"
         self._say(f"{self.stop_reason} of {self.total_steps}: evaluating and saving")
@@ -385,20 +379,9 @@ class Trainer:
 
     def _result(self) -> TrainResult:
         trainable, total = self.pm.get_nb_trainable_parameters()
-        majority = None
-        if self.task == "classification" and self.dev_set:
-            counts = torch.bincount(torch.tensor([e["labels"] for e in self.dev_set]), minlength=len(self.labels))
-            majority = float(counts.max() / counts.sum())
-        return TrainResult(
-            self.out,
-            self.task,
-            main_process=self.main,
-            trainable_params=trainable,
-            total_params=total,
-            labels=self.labels,
-            majority=majority,
-            lr=self.lr,
-        )
+        majority = majority_share(self.dev_set, len(self.labels)) if self.task == "classification" else None
+        return TrainResult(self.out, self.task, main_process=self.main, trainable_params=trainable,
+                           total_params=total, labels=self.labels, majority=majority, lr=self.lr)  # fmt: skip
 
     def _bars(self) -> bool:
         return self.main and interactive(self.config.progress)
