@@ -4,6 +4,7 @@
     python benchmarks/bench_dora.py --sizes 6x512 --repeats 9  # the larger shape
     python benchmarks/bench_dora.py --sizes minilm             # the real all-MiniLM-L6-v2 (SEQ_CLS), q/k/v/dense
     python benchmarks/bench_dora.py --device cuda
+    flock /tmp/peftkit-bench.lock python benchmarks/bench_dora.py --sizes 6x512 minilm --threads 1  # the shared lock
 
 Four contenders on copies of the same randomly initialised LlamaForCausalLM (built from a config, nothing
 downloaded), r=8 on every projection (q, k, v, o, gate, up, down): peftkit LoRA, peftkit DoRA, peft LoRA, peft DoRA.
@@ -138,7 +139,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, peft {peft.__version__}, device {args.device}, threads {threads}")
     print(f"batch {args.batch} x {args.length} tokens, r=8 on every projection, median of {args.repeats}")
