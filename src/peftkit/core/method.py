@@ -68,6 +68,8 @@ class Training:
     after_step:     optional ``f(host, step, total_steps)`` the loop runs after each optimizer step (``step`` counts
                     them from 1), before the gradients are cleared: AdaLoRA's budget allocation reads them.
     report:         optional ``f(host) -> str`` the loop prints at the end of a run (AdaLoRA's rank per layer).
+    before_training: optional ``f(host, batches)`` the loop runs once before building the optimizer, with a few
+                    training batches (dicts of tensors on the model's device): data-driven inits (LoRA's EVA).
     """
 
     learning_rate: float = 5e-4
@@ -76,6 +78,7 @@ class Training:
     after_training_at: float = 1.0
     after_step: Callable[[AdapterHost, int, int], Any] | None = None
     report: Callable[[AdapterHost], str] | None = None
+    before_training: Callable[[AdapterHost, list[dict[str, torch.Tensor]]], Any] | None = None
 
 
 @dataclass(frozen=True)
