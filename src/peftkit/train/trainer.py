@@ -90,6 +90,8 @@ class Trainer:
         if config.gradient_checkpointing:
             checkpoint_activations(base)
         self.pm.to(self.acc.device)
+        if self.method.training.before_training:  # data-driven inits (LoRA's EVA), on up to 32 training batches
+            self.method.training.before_training(self.pm, [self._batch(self.train_set, i) for i in self._epoch(0)[:32]])
         if config.fsdp:  # before the optimizer: sharding replaces the parameters
             from peftkit.train import fsdp
 
