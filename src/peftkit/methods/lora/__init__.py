@@ -29,6 +29,7 @@ from peftkit.methods.lora.conversion import to_plain_lora
 from peftkit.methods.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, factors_of
 from peftkit.methods.lora.mha import LoraMultiheadAttention
 from peftkit.methods.lora.params import LoraParamWrapper, inject
+from peftkit.methods.lora.training import before_training
 
 __all__ = [
     "BIAS_CHOICES",
@@ -62,5 +63,5 @@ METHOD = Method(
     hotswap=params.hotswap,
     prepare_hotswap=params.prepare_hotswap,
     weight_conversion=to_plain_lora,
-    training=Training(learning_rate=2e-3),
+    training=Training(learning_rate=2e-3, before_training=before_training),
 )

@@ -38,6 +38,7 @@ from peftkit.methods.lora import arithmetic, attach, corda
 from peftkit.methods.lora import hotswap as lora_hotswap
 from peftkit.methods.lora.config import LoraConfig
 from peftkit.methods.lora.layers import LoraLayer
+from peftkit.methods.trainable_tokens import with_token_rows
 
 
 class LoraParamWrapper(LoraLayer):
@@ -255,8 +256,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
             inj.wrap_parameter(path, parameter_name, config)
         if modules:
             attach.inject(model, config, adapter_name)
-        else:
-            inject_layers(model, config, adapter_name, [], attach.dispatch)  # modules_to_save only
+        else:  # modules_to_save, and the embedding rows of trainable_token_indices
+            rest = lambda: inject_layers(model, config, adapter_name, [], attach.dispatch)  # noqa: E731
+            with_token_rows(model, config.trainable_token_indices, adapter_name, rest)
 
 
 class _ParamInjection(Injection):
