@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -24,9 +25,14 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def peft_preprocess_corda(monkeypatch):
-    """peft 0.21's preprocess_corda; its module imports ``attr.dataclass`` (the attrs package, not installed here),
-    which it uses as a plain dataclass: a stand-in for the import, for this test only."""
-    monkeypatch.setitem(sys.modules, "attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))
+    """peft 0.21's preprocess_corda. Its module (peft/tuners/lora/corda.py) starts with ``from attr import dataclass``
+    although attrs is not among peft's dependencies (nor peftkit's), so the import fails where attrs is missing, as
+    here; it uses that decorator once, on a plain data class (CordaEigens), for which the standard library's
+    dataclass is equivalent. Only when attrs is missing, a stand-in module is put in sys.modules for the duration of
+    the test (monkeypatch removes it afterwards), so no later ``import attr`` sees it; peft's corda module stays
+    imported, holding a standard-library data class."""
+    if importlib.util.find_spec("attr") is None:
+        monkeypatch.setitem(sys.modules, "attr", types.SimpleNamespace(dataclass=dataclasses.dataclass))
     return importlib.import_module("peft.tuners.lora.corda").preprocess_corda
 
 
