@@ -4,10 +4,11 @@ Model: the built-in SmolLM2-135M-Instruct (float32, CPU). Data: Alpaca-200 (../s
 conversations (one user turn: instruction [+ input]; one assistant turn: output), 20 rows held out by a seeded
 shuffle. Both sides: LoRA r=8, alpha=16 on q/k/v/o_proj, dropout 0, AdamW at lr 1e-3, linear decay without warmup,
 ``--steps`` steps of ``--batch-size`` rows (packed rows of ``--max-length`` tokens with packing), seed 0, one
-thread, activation checkpointing off on both sides unless ``--gradient-checkpointing`` (TRL's SFTConfig turns it on
-by default; this script sets it explicitly on both). peftkit trains on the assistant turn only (its chat mask);
-TRL on the completion only (prompt-completion format, TRL's completion_only_loss), packing with TRL's default "bfd"
-strategy.
+thread, activation checkpointing at each trainer's default unless ``--gradient-checkpointing on|off`` sets it on
+both sides (both default to it on for causal LMs: TRL's SFTConfig, and peftkit since issue 17). peftkit trains
+on the assistant turn only (its chat mask); TRL on the completion only (prompt-completion format, TRL's
+completion_only_loss), packing with TRL's default "bfd" strategy. ``--packings off|on`` runs one half (to split a
+long measurement).
 
 Measured per run, each in a fresh process (so that peak memory is the run's own): tokens/s (non-padding tokens
 fed to the model over the training wall-clock time: peftkit's train loop, TRL's ``trainer.train()``), peak memory
@@ -16,7 +17,7 @@ the held-out answer loss after training, computed for both models by the same fu
 (peftkit's encoding of the held-out conversations). Runs alternate (peftkit, TRL, peftkit, TRL, ...) and the
 medians over ``--repeats`` are reported, because the machine is shared and its load changes between runs.
 
-    .venv/bin/python benchmarks/sft_smollm2.py --steps 8 --batch-size 4 --max-length 128 --repeats 2
+    flock /tmp/peftkit-bench.lock .venv/bin/python benchmarks/sft_smollm2.py --steps 8 --batch-size 4 --repeats 2
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import DATA_ROOT  # benchmarks/ is on sys.path when this script runs
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 HELD_OUT = 20
+CHECKPOINTING = {"default": None, "on": True, "off": False}  # None: the trainer's own default
 
 
 def conversations() -> tuple[list[dict], list[dict]]:
@@ -73,7 +75,7 @@ def settings(args: argparse.Namespace, folder: Path, packing: bool, out: Path):
         progress=False,
         threads=1,
         seed=0,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=CHECKPOINTING[args.gradient_checkpointing],
         output_dir=str(out),
     )
 
@@ -142,6 +144,8 @@ def run_trl(args: argparse.Namespace, folder: Path, packing: bool, out: Path) ->
     model = AutoModelForCausalLM.from_pretrained(folder_model, config=model_config, dtype=torch.float32)
     train_rows = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
     pairs = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in train_rows]
+    checkpointing = CHECKPOINTING[args.gradient_checkpointing]
+    own = {} if checkpointing is None else {"gradient_checkpointing": checkpointing}  # TRL's default: on
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     config = trl.SFTConfig(
         output_dir=str(out),
@@ -162,7 +166,7 @@ def run_trl(args: argparse.Namespace, folder: Path, packing: bool, out: Path) ->
         logging_steps=1,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        gradient_checkpointing=args.gradient_checkpointing,  # TRL's own default is True: set it like peftkit's
+        **own,
     )
     trainer = trl.SFTTrainer(
         model=model,
@@ -198,8 +202,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--one", choices=["peftkit", "trl"])
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--packings", choices=["both", "off", "on"], default="both", help="Split long runs.")
     parser.add_argument("--folder")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="On both sides (TRL's default).")
+    parser.add_argument("--gradient-checkpointing", choices=list(CHECKPOINTING), default="default")
     args = parser.parse_args()
     if args.one:
         one(args)
@@ -207,9 +212,9 @@ def main() -> None:
     folder = data_folder(Path(tempfile.mkdtemp(prefix="sft_data_")))
     results: dict[tuple[str, bool], list[dict]] = {}
     common = ["--steps", args.steps, "--batch-size", args.batch_size, "--max-length", args.max_length, "--lr", args.lr]
-    common += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
+    common += ["--gradient-checkpointing", args.gradient_checkpointing]
     for _ in range(args.repeats):
-        for packing in (False, True):
+        for packing in [p for p in (False, True) if args.packings in ("both", "on" if p else "off")]:
             for side in ("peftkit", "trl"):  # alternate, so that load changes hit both sides alike
                 command = [sys.executable, __file__, "--one", side, "--folder", folder, *common]
                 command += ["--packing"] if packing else []
@@ -219,7 +224,7 @@ def main() -> None:
                     raise SystemExit(f"{side} packing={packing} failed:\n{done.stderr[-3000:]}")
                 results.setdefault((side, packing), []).append(json.loads(line[7:]))
                 print(side, "packing" if packing else "no packing", results[(side, packing)][-1], flush=True)
-    checkpointing = "on" if args.gradient_checkpointing else "off"
+    checkpointing = args.gradient_checkpointing
     print(f"\n{args.steps} steps x {args.batch_size} rows, max length {args.max_length}, checkpointing {checkpointing}")
     print(f"medians of {args.repeats} alternating runs")
     print("| packing | trainer | tokens/s | peak MB | held-out loss |")

@@ -85,6 +85,43 @@ def test_a_bad_dtype_names_the_choices(files, tmp_path):
         lm_config(files, tmp_path, dtype="int8")
 
 
+# ---- activation checkpointing: on by default for causal LMs (as TRL's SFTConfig), same losses ----------------
+def checkpointing(trainer: Trainer) -> bool:
+    base = trainer.pm.get_base_model()
+    return bool(getattr(base, "is_activation_checkpointing", None) or getattr(base, "is_gradient_checkpointing", False))
+
+
+def test_causal_lm_checkpoints_activations_by_default_and_says_so(files, tmp_path, capsys):
+    assert TrainConfig().gradient_checkpointing is None  # unset: the task decides
+    assert checkpointing(Trainer(lm_config(files, tmp_path / "lm")))
+    assert "activation checkpointing on (default for causal_lm)" in capsys.readouterr().out
+    assert not checkpointing(Trainer(lm_config(files, tmp_path / "off", gradient_checkpointing=False)))
+    assert "activation checkpointing off (--gradient-checkpointing)" in capsys.readouterr().out
+    cls = TrainConfig(model=str(files["bert"]), data=str(files["csv"]), method_args=LORA_BERT, max_steps=1,
+                      progress=False, threads=1, output_dir=str(tmp_path / "cls"))  # fmt: skip
+    assert not checkpointing(Trainer(cls))
+    assert "activation checkpointing off (default for classification)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_checkpointing_does_not_change_the_losses(files, tmp_path, packing):
+    on = train(lm_config(files, tmp_path / "on", max_steps=3, packing=packing, max_length=64))
+    off = train(lm_config(files, tmp_path / "off", max_steps=3, packing=packing, max_length=64,
+                          gradient_checkpointing=False))  # fmt: skip
+    assert on.history["train_loss"] == pytest.approx(off.history["train_loss"], abs=1e-5)
+    assert on.after["loss"] == pytest.approx(off.after["loss"], abs=1e-5)
+
+
+def test_no_gradient_checkpointing_flag_and_help(files, tmp_path):
+    from peftkit.cli.options import build_train_config
+
+    shown = CliRunner().invoke(build_app(), ["train", "--help"], env={"COLUMNS": "250"}).stdout
+    assert "--no-gradient-checkpointing" in shown and "default: on for causal_lm" in shown
+    settings = build_train_config({"gradient_checkpointing": False}, None, demo=False)
+    assert settings.gradient_checkpointing is False
+    assert build_train_config({}, None, demo=False).gradient_checkpointing is None
+
+
 # ---- item 4: learning rate per task -------------------------------------------------------------------------
 def test_causal_lm_default_lr_is_lower_than_the_classification_one_and_printed(files, tmp_path, capsys):
     from peftkit.core.registry import get_method

@@ -98,7 +98,13 @@ class TrainConfig:
         metadata={"help": "Set every dropout probability of the base model (0: none; default: the model's own)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for initialisation, dropout and data order."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations (less memory)."})
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in backward (less memory, a little more compute); default: on for "
+            "causal_lm (as TRL's SFTConfig), off for classification."
+        },
+    )
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast where the device supports it."})
     dtype: str = field(
         default="fp32",

@@ -85,8 +85,19 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.p = p
 
 
-def checkpoint_activations(base: nn.Module) -> None:
-    """Recompute activations in backward (transformers >= 5 names it activation checkpointing)."""
+def checkpoint_activations(base: nn.Module, wanted: bool | None, task: str, say: Callable[[str], None]) -> None:
+    """Recompute activations in backward (transformers >= 5 names it activation checkpointing) when ``wanted``;
+    ``None`` (the default): on for causal LMs, whose activations dominate a step's memory (TRL's SFTConfig does the
+    same), where the model supports it, and off for classifiers. The choice is printed."""
+    supported = hasattr(base, "activation_checkpointing_enable") or hasattr(base, "gradient_checkpointing_enable")
+    on = wanted if wanted is not None else task == "causal_lm" and supported
+    why = "--gradient-checkpointing" if wanted is not None else f"default for {task}"
+    say(f"activation checkpointing {'on' if on else 'off'} ({why})")
+    if on:
+        _enable_checkpointing(base)
+
+
+def _enable_checkpointing(base: nn.Module) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

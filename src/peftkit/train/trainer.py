@@ -87,8 +87,7 @@ class Trainer:
         self.pm: PeftModel = get_peft_model(base, method_config)
         if config.dtype != "fp32":
             train_in_float32(self.pm)
-        if config.gradient_checkpointing:
-            checkpoint_activations(base)
+        checkpoint_activations(base, config.gradient_checkpointing, self.task, self._say)
         self.pm.to(self.acc.device)
         if self.method.training.before_training:  # data-driven inits (LoRA's EVA), on up to 32 training batches
             self.method.training.before_training(self.pm, [self._batch(self.train_set, i) for i in self._epoch(0)[:32]])
