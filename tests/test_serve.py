@@ -351,21 +351,24 @@ def test_rows_joining_and_leaving_match_each_row_alone(build, config):
     [([0, 1, 2, 1, 0, 2], 1), ([2, 2, 0, 2, 1, 2], 3), ([0, 0, 0, 0, 0, 1], 1), ([0, 0, 0, 0, 0, 0, 1, 2], 4)],
 )
 def test_grouped_rows_equal_each_row_through_its_own_factors(adapters, tokens):
-    """methods/lora/rows.py: s_k B_k A_k x_i + c_k + bias per row, by hand; very uneven use falls back (None)."""
+    """methods/lora/rows.py: s_k B_k A_k x_i + c_k + bias per row, by hand; very uneven use falls back (None) to the
+    gathered path, which gives the same values."""
     from peftkit.core.layer import Routing
-    from peftkit.methods.lora.rows import grouped_delta, segments
+    from peftkit.methods.lora.rows import FactorStack, gathered_delta, grouped_delta, segments
 
     g = torch.Generator().manual_seed(0)
     a, b, c = torch.randn(3, 5, 2, generator=g), torch.randn(3, 2, 4, generator=g), torch.randn(3, 4, generator=g)
     x, bias = torch.randn(len(adapters), tokens, 5, generator=g), torch.randn(4, generator=g)
     routing = Routing(("p", "q", "r"), torch.tensor(adapters))
+    stack = FactorStack({"p": 0, "q": 1, "r": 2}, a, b, c)
     want = torch.stack([x[i] @ a[k] @ b[k] + c[k] + bias for i, k in enumerate(adapters)])
-    got = grouped_delta(routing, x, a, b, c, bias)
+    got, layout = grouped_delta(routing, x, stack, bias)
     plan = segments(torch.tensor(adapters), 3)
     if 3 * plan.width * tokens > len(adapters) * (2 + tokens):
         assert got is None  # padding would move more than gathering
     else:
         torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gathered_delta(x, stack, layout, bias), want)
     assert sorted(plan.back.tolist()) == plan.back.unique().tolist()  # every row has its own slot
     assert all(plan.gather[slot] == row for row, slot in enumerate(plan.back.tolist()))
 

@@ -18,7 +18,7 @@ from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora import autograd, dora, inits
 from peftkit.methods.lora.config import LoraConfig
-from peftkit.methods.lora.rows import grouped_delta
+from peftkit.methods.lora.rows import FactorStack, gathered_delta, grouped_delta
 
 
 class LoraLayer(WrapsInPlace):
@@ -41,7 +41,7 @@ class LoraLayer(WrapsInPlace):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self._stack_cache: tuple[Any, Any] | None = None
+        self._stack_cache: tuple[Any, FactorStack, Any] | None = None
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (one per output row)
         self._dora_cache: dict[Any, tuple] = {}  # adapter -> (versions, ||W + s B A||_c); (adapter, "f") -> m / norm
         self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
@@ -149,33 +149,50 @@ class LoraLayer(WrapsInPlace):
                     base.bias -= c.to(base.bias.dtype)
 
     @torch.no_grad()
-    def stacked_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Routed adapters' factors, ranks zero-padded: A (n, in, r_max), B (n, r_max, out), scaling folded
-        into B, zeros for the base model, and the B biases s c (n, out) (None when no adapter has one). Cached until
-        a factor changes (tensor version counters)."""
-        names = self.routing.names
-        params = [p for n in names if n in self.r for p in self.adapter_parameters(n)]
-        key = (names, dtype, tuple((id(p), p._version) for p in params), tuple(self.scaling.get(n) for n in names))
+    def stacked_factors(self, dtype: torch.dtype) -> FactorStack:
+        """Every adapter of this layer, in the order added, ranks zero-padded: A (n, in, r_max), B (n, r_max, out)
+        with the scaling folded in, and the B biases s c (n, out) (None when no adapter has one). Independent of
+        which adapters a call routes, so it is cached across calls until an adapter, a scaling or a factor changes
+        (tensor identities and version counters)."""
+        tensors = self._stack_tensors()
+        key = (dtype, tuple(self.scaling.items()), tuple(map(id, tensors)), tuple(t._version for t in tensors))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
-        r_max = max((self.r[n] for n in names if n in self.r), default=1)
-        probe_a, probe_b = self.factors(next(n for n in names if n in self.r))
+        names = list(self.r)
+        r_max = max(self.r.values())
+        probe_a, probe_b = self.factors(names[0])
         a_stack = probe_a.new_zeros(len(names), probe_a.shape[1], r_max, dtype=dtype)
         b_stack = probe_b.new_zeros(len(names), r_max, probe_b.shape[0], dtype=dtype)
+        biases = {}
         for k, name in enumerate(names):
-            if name in self.r:
-                a, b = self.factors(name)
-                a_stack[k, :, : a.shape[0]] = a.T
-                b_stack[k, : b.shape[1], :] = (b * self.scaling[name]).T
-        biases = {k: self.bias_delta(n) for k, n in enumerate(names) if n in self.r}
+            a, b = self.factors(name)
+            a_stack[k, :, : a.shape[0]] = a.T
+            b_stack[k, : b.shape[1], :] = (b * self.scaling[name]).T
+            biases[k] = self.bias_delta(name)
         c_stack = None
         if any(c is not None for c in biases.values()):
             c_stack = b_stack.new_zeros(len(names), b_stack.shape[2])
             for k, c in biases.items():
                 if c is not None:
                     c_stack[k] = c
-        self._stack_cache = (key, (a_stack, b_stack, c_stack))
-        return a_stack, b_stack, c_stack
+        stack = FactorStack({name: k for k, name in enumerate(names)}, a_stack, b_stack, c_stack)
+        self._stack_cache = (key, stack, tensors)  # the tensors kept alive: their ids stay theirs
+        return stack
+
+    def _stack_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors the stack is built from (A, B and B's bias of every adapter), read without module lookups:
+        this runs once per layer per routed call."""
+        out: list[torch.Tensor] = []
+        holders = [self._modules[attr] for attr in self.adapter_param_names[:2]]
+        for name in self.r:
+            for holder in holders:
+                item = holder._parameters.get(name) if isinstance(holder, nn.ParameterDict) else None
+                out.extend([item] if item is not None else holder[name]._parameters.values())
+        return tuple(t for t in out if t is not None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._stack_cache = None  # its factors are not kept alive by the stack
 
     def has_routed_adapters(self) -> bool:
         return any(n in self.r for n in self.routing.names)
@@ -292,18 +309,9 @@ class LoraLinear(LoraLayer):
 
     def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Each row through its own adapter, no row loop: rows grouped by adapter (rows.py), else gathered factors."""
-        a_stack, b_stack, c_stack = self.stacked_factors(x.dtype)  # (n, in, r), (n, r, out), (n, out) or None
-        grouped = grouped_delta(self.routing, x, a_stack, b_stack, c_stack, bias)  # rows grouped by adapter (rows.py)
-        if grouped is not None:
-            return grouped
-        rows = self.routing.rows(x.shape[0])  # (B,)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
-        h = torch.bmm(flat, a_stack[rows])  # (B, T, r)
-        b_rows = b_stack[rows]  # (B, r, out)
-        if c_stack is not None:
-            c_rows = c_stack[rows][:, None, :]  # (B, 1, out)
-            bias = c_rows if bias is None else bias + c_rows
-        return torch.bmm(h, b_rows) if bias is None else torch.baddbmm(bias, h, b_rows)  # (B, T, out)
+        stack = self.stacked_factors(x.dtype)
+        delta, layout = grouped_delta(self.routing, x, stack, bias)  # (B, T, out) or None
+        return delta if delta is not None else gathered_delta(x, stack, layout, bias)
 
 
 class LoraEmbedding(LoraLayer):
@@ -357,11 +365,12 @@ class LoraEmbedding(LoraLayer):
         return result
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
-        a_stack, b_stack, _ = self.stacked_factors(self.get_base_layer().weight.dtype)  # (n, num, r), (n, r, dim)
-        rows = self.routing.rows(x.shape[0])
+        stack = self.stacked_factors(self.get_base_layer().weight.dtype)  # A (n, num, r), B (n, r, dim)
+        slots = torch.tensor([stack.slots.get(n, -1) for n in self.routing.names], dtype=torch.long, device=x.device)
+        rows = slots[self.routing.rows(x.shape[0])]  # (B,) stack slot, -1: the base model
         ids = x.reshape(x.shape[0], -1)  # (B, T)
-        h = a_stack[rows[:, None], ids]  # (B, T, r)
-        delta = torch.bmm(h, b_stack[rows])  # (B, T, dim)
+        h = stack.a[rows.clamp(min=0)[:, None], ids] * (rows >= 0).to(stack.a.dtype)[:, None, None]  # (B, T, r)
+        delta = torch.bmm(h, stack.b[rows.clamp(min=0)])  # (B, T, dim)
         return delta.reshape(*x.shape, delta.shape[-1])
 
 
