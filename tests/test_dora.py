@@ -104,6 +104,21 @@ def test_gradients_match_reference_with_detached_norm():
     assert not torch.allclose(ref_b.grad, b.grad, **TOL)
 
 
+@pytest.mark.parametrize("which", ["lin", "gpt"])
+def test_own_backward_input_and_bias_gradients(which):
+    """DoraLinearFunction (training, no dropout): dL/dx and a trained base bias (bias="all") as autograd through the
+    formula gives them; GPT-2's Conv1D (weight stored (in, out)) too."""
+    pm = dora_model(bias="all")
+    layer = getattr(pm.base_model.model, which)
+    x = torch.randn(3, 4, layer.in_features if which == "lin" else 10, requires_grad=True)
+    weight, bias, a, b, m, s = parts(layer)
+    refs = [t.detach().clone().requires_grad_() for t in (x, bias, a, b, m)]
+    by_hand(weight, refs[1], refs[2], refs[3], refs[4], s, refs[0]).square().sum().backward()
+    layer(x).square().sum().backward()
+    for got, ref in zip((x, bias, a, b, m), refs, strict=True):
+        torch.testing.assert_close(got.grad, ref.grad, **TOL)
+
+
 def test_dropout_in_training_follows_peft_form():
     pm = dora_model(lora_dropout=0.5)
     pm.train()

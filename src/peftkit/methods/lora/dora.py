@@ -165,15 +165,67 @@ def _fused(layer: LoraLinear, x: torch.Tensor, name: str, weight_t: torch.Tensor
     """One DoRA adapter, no dropout: f * (W x + s B A x) + b with the base GEMM accumulating into the low-rank term."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
-    h = lora_a(x2) * layer.scaling[name]  # (N, r)
+    scale = layer.scaling[name]
+    if torch.is_grad_enabled() and isinstance(scale, float) and lora_b.bias is None:  # training: DoRA's own backward
+        f = factor(layer, name).to(x2.dtype)  # (out,)
+        args = (x2, weight_t, layer.base_layer.bias, scale, lora_a.weight, lora_b.weight, f)
+        return DoraLinearFunction.apply(*args).reshape(*x.shape[:-1], -1)
+    h = lora_a(x2) * scale  # (N, r)
     y = torch.mm(h, lora_b.weight.T).addmm_(x2, weight_t)  # (N, out): W x + s B A x
     f = factor(layer, name).to(y.dtype)  # (out,)
     bias = layer.base_layer.bias
-    if y.requires_grad:  # autograd keeps y for m's gradient: out of place
-        out = y * f if bias is None else torch.addcmul(bias, y, f)
+    if torch.is_grad_enabled() and (y.requires_grad or f.requires_grad):  # y kept for m's gradient: out of place
+        out = ScaleRows.apply(y, f, bias)
     else:  # inference: scale the fresh GEMM output in place (no second (N, out) buffer)
         out = y.mul_(f) if bias is None else y.mul_(f).add_(bias)
     return out.reshape(*x.shape[:-1], -1)
+
+
+class ScaleRows(torch.autograd.Function):
+    """out (N, out) = y * f + b, f and b (out,): dL/dy = g * f, dL/df = sum_rows g * y, dL/db = sum_rows g, each
+    only when asked. Autograd's own addcmul backward also multiplies both products by its scalar ``value`` (two more
+    passes over (N, out), which made it most of DoRA's training overhead over LoRA)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, f: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(y, f)
+        return y * f if bias is None else torch.addcmul(bias, y, f)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, f = ctx.saved_tensors
+        need_y, need_f, need_b = ctx.needs_input_grad
+        return (g * f if need_y else None), ((g * y).sum(0) if need_f else None), (g.sum(0) if need_b else None)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """out (N, out) = f * (x W^T + s (x A^T) B^T) + b for one DoRA adapter without dropout, W and b frozen. With
+    g = dL/dout the gradients never form dL/dy = g * f (an (N, out) pass): f is folded into the small factors,
+
+        dL/df = sum_rows g * y      dL/dB = f * (g^T h)      dL/dh = g (f * B)      dL/dA = s (dL/dh)^T x
+        dL/dx = g (f * W) + s (dL/dh) A                     (h = s x A^T (N, r), y = x W^T + h B^T, kept)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x2: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        h = (x2 @ a.T) * scale  # (N, r)
+        y = torch.mm(h, b.T).addmm_(x2, weight_t)  # (N, out)
+        ctx.scale = scale
+        ctx.save_for_backward(x2, weight_t, a, b, f, h, y)
+        return y * f if bias is None else torch.addcmul(bias, y, f)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight_t, a, b, f, h, y = ctx.saved_tensors
+        need_x, _, need_bias, _, need_a, need_b, need_f = ctx.needs_input_grad
+        gh = g @ (b * f[:, None]) if need_a or need_x else None  # (N, r)
+        grad_a = (gh.T @ x2) * ctx.scale if need_a else None  # (r, in)
+        grad_b = (g.T @ h) * f[:, None] if need_b else None  # (out, r)
+        grad_x = (g @ (weight_t * f).T).addmm_(gh, a, alpha=ctx.scale) if need_x else None  # (N, in)
+        grad_f = (g * y).sum(0) if need_f else None
+        grad_bias = g.sum(0) if need_bias else None
+        return grad_x, None, grad_bias, None, grad_a, grad_b, grad_f
 
 
 def _general(layer: LoraLinear, x: torch.Tensor, live: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
