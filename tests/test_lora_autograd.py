@@ -268,7 +268,16 @@ def test_dropout_masks_round_trip_through_bits(shape):
     mask = torch.empty(shape).bernoulli_(0.7)
     bits = autograd._pack(mask)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
-    torch.testing.assert_close(autograd._noise(bits, mask, 0.3), mask / 0.7, atol=0, rtol=0)
-    if mask.numel() % 8 == 0:  # the fast path packs as the general one does
-        flat = mask.reshape(-1, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
-        assert torch.equal(bits, flat.sum(-1, dtype=torch.uint8))
+    torch.testing.assert_close(autograd._mask(bits, mask), mask, atol=0, rtol=0)
+    flat = torch.nn.functional.pad(mask.reshape(-1), (0, -mask.numel() % 8)).reshape(-1, 8).to(torch.uint8)
+    assert torch.equal(bits, (flat << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(64, 24), (5, 7)])
+def test_drawn_bits_are_f_dropouts_draw(shape):
+    x = torch.randn(shape)
+    torch.manual_seed(3)
+    bits = autograd._draw(x, 0.3)
+    torch.manual_seed(3)
+    reference = torch.nn.functional.dropout(x, 0.3, training=True)
+    torch.testing.assert_close(x * autograd._mask(bits, x) / 0.7, reference)

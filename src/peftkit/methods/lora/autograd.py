@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 _SETTINGS = {"fused": True, "recompute_inputs": False}
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def set_lora_backward(*, fused: bool | None = None, recompute_inputs: bool | None = None) -> None:
@@ -63,21 +62,34 @@ def lora_backward_settings() -> dict[str, bool]:
 
 # ---- dropout masks as bits ------------------------------------------------------------------------------------
 _GATHER = 0x0102040810204080  # times 8 bytes of 0/1 (an int64): their bits land in the top byte, element i in bit i
+_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     """A 0/1 tensor -> uint8 bits, 8 elements a byte, element i of each 8 in bit i (padded at the end)."""
-    if mask.numel() % 8 == 0 and mask.is_contiguous():  # one multiply per 8 elements instead of a shift and a sum
-        words = (mask.reshape(-1, 8) != 0).view(torch.int64)[:, 0]
-        return ((words * _GATHER) >> 56).to(torch.uint8)
-    flat = F.pad(mask.reshape(-1).to(torch.uint8), (0, -mask.numel() % 8))
-    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
+    flat = mask.reshape(-1) != 0
+    if flat.numel() % 8:
+        flat = F.pad(flat, (0, -flat.numel() % 8))
+    return ((flat.view(-1, 8).view(torch.int64)[:, 0] * _GATHER) >> 56).to(torch.uint8)
 
 
-def _noise(bits: torch.Tensor, like: torch.Tensor, p: float) -> torch.Tensor:
-    """The scaled mask m / (1 - p) in ``like``'s shape and dtype, from ``_pack``'s bits (the forward's exact values)."""
-    mask = (bits[:, None] >> _SHIFTS.to(bits.device)) & 1  # (numel / 8, 8)
-    return mask.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype).div_(1 - p)
+def _draw(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A dropout mask for ``like`` drawn straight into bytes and packed into bits (``_pack``'s layout).
+
+    ``bernoulli_(1 - p)`` on a bool buffer draws the same stream as on ``empty_like(like)`` (F.dropout's CPU draw),
+    writes a quarter of the bytes, and its bytes pack with one multiply per 8 elements."""
+    n = like.numel()
+    keep = torch.zeros(n + (-n % 8), dtype=torch.bool, device=like.device)
+    keep[:n].bernoulli_(1 - p)
+    return ((keep.view(-1, 8).view(torch.int64)[:, 0] * _GATHER) >> 56).to(torch.uint8)
+
+
+def _mask(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The 0/1 mask in ``like``'s shape and dtype from ``_pack``'s bits: one lookup of 8 values per byte."""
+    key = (like.dtype, like.device)
+    if key not in _TABLES:  # row v: the 8 bits of v as 0/1
+        _TABLES[key] = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(like.dtype).to(like.device)
+    return F.embedding(bits.long(), _TABLES[key]).reshape(-1)[: like.numel()].view(like.shape)
 
 
 def _dropout_p(module: nn.Module) -> float | None:
@@ -164,11 +176,9 @@ class LoraLinearFunction(torch.autograd.Function):
         for k, (s, p) in enumerate(plan):
             a, b, c = factors[3 * k : 3 * k + 3]
             bits = None
-            if p > 0:
-                noise = torch.empty_like(xl).bernoulli_(1 - p)  # F.dropout's own draw on CPU
-                bits = _pack(noise)
-                h = F.linear(xl * noise.div_(1 - p), a) * s  # (N, r)
-                del noise
+            if p > 0:  # A (x m / (1 - p)) s = (A (x m)) s / (1 - p): the scale goes on the (N, r) side
+                bits = _draw(xl, p)
+                h = F.linear(xl * _mask(bits, xl), a) * (s / (1 - p))  # (N, r)
             else:
                 h = F.linear(xl, a) * s  # (N, r)
             acc = torch.mm(h, b.T) if acc is None else torch.addmm(acc, h, b.T)  # (N, out)
@@ -198,8 +208,8 @@ class LoraLinearFunction(torch.autograd.Function):
             a, b, c = factors[3 * k : 3 * k + 3]
             h, bits = keep[2 * k], keep[2 * k + 1]
             need_a, need_b, need_c = need[5 + 3 * k : 8 + 3 * k]
-            noise = _noise(bits, xl, p) if p > 0 and (need_a or need[0]) else None
-            gh = (g @ b) * s if need_a or need[0] else None  # (N, r): dL/d(A_a d_a(x))
+            noise = _mask(bits, xl) if p > 0 and (need_a or need[0]) else None  # m_a, 0/1
+            gh = (g @ b) * (s / (1 - p)) if need_a or need[0] else None  # (N, r): dL/d(A_a (x m_a))
             grad_a = gh.T @ (xl * noise if noise is not None else xl) if need_a else None  # (r, in)
             grad_b = g.T @ h if need_b else None  # (out, r)
             grad_c = g.sum(0) * s if need_c and c is not None else None
