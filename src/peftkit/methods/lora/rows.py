@@ -75,7 +75,8 @@ def _segments(kinds: list[int], n: int, device: torch.device) -> Segments:
             back[row] = k * width + filled[k]
             gather[back[row]] = row
             filled[k] += 1
-    return Segments(width, torch.tensor(gather, device=device), torch.tensor(back, device=device))
+    long = {"dtype": torch.long, "device": device}  # also when empty (no row uses these adapters)
+    return Segments(width, torch.tensor(gather, **long), torch.tensor(back, **long))
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ def grouped_delta(
     batch, tokens = flat.shape[:2]
     layout = _plan(routing, batch, slots)
     m, width, r = len(layout.used), layout.segments.width, stack.a.shape[2]
+    if m == 0:  # no row routed to this layer's adapters
+        y = flat.new_zeros(batch, tokens, stack.b.shape[2])
+        return (y if bias is None else y + bias), layout
     if m * width * tokens > batch * (r + tokens):
         return None, layout
     a, b, c = stack.select(layout.used)
