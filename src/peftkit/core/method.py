@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -69,7 +69,8 @@ class Training:
                     them from 1), before the gradients are cleared: AdaLoRA's budget allocation reads them.
     report:         optional ``f(host) -> str`` the loop prints at the end of a run (AdaLoRA's rank per layer).
     before_training: optional ``f(host, batches)`` the loop runs once before building the optimizer, with a few
-                    training batches (dicts of tensors on the model's device): data-driven inits (LoRA's EVA).
+                    training batches (dicts of tensors on the model's device), built only as the hook iterates
+                    them: data-driven inits (LoRA's EVA).
     """
 
     learning_rate: float = 5e-4
@@ -78,7 +79,7 @@ class Training:
     after_training_at: float = 1.0
     after_step: Callable[[AdapterHost, int, int], Any] | None = None
     report: Callable[[AdapterHost], str] | None = None
-    before_training: Callable[[AdapterHost, list[dict[str, torch.Tensor]]], Any] | None = None
+    before_training: Callable[[AdapterHost, Iterable[dict[str, torch.Tensor]]], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class Trainer:
         checkpoint_activations(base, config.gradient_checkpointing, self.task, self._say)
         self.pm.to(self.acc.device)
         if self.method.training.before_training:  # data-driven inits (LoRA's EVA), on up to 32 training batches
-            self.method.training.before_training(self.pm, [self._batch(self.train_set, i) for i in self._epoch(0)[:32]])
+            self.method.training.before_training(self.pm, (self._batch(self.train_set, i) for i in self._epoch(0)[:32]))
         if config.fsdp:  # before the optimizer: sharding replaces the parameters
             from peftkit.train import fsdp
 

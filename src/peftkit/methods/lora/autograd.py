@@ -67,7 +67,8 @@ _TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 def _pack(mask: torch.Tensor) -> torch.Tensor:
     """A 0/1 tensor -> uint8 bits, 8 elements a byte, element i of each 8 in bit i (padded at the end)."""
-    flat = mask.reshape(-1) != 0
+    flat = mask.reshape(-1)
+    flat = flat if flat.dtype == torch.bool else flat != 0
     if flat.numel() % 8:
         flat = F.pad(flat, (0, -flat.numel() % 8))
     return ((flat.view(-1, 8).view(torch.int64)[:, 0] * _GATHER) >> 56).to(torch.uint8)
@@ -81,7 +82,7 @@ def _draw(like: torch.Tensor, p: float) -> torch.Tensor:
     n = like.numel()
     keep = torch.zeros(n + (-n % 8), dtype=torch.bool, device=like.device)
     keep[:n].bernoulli_(1 - p)
-    return ((keep.view(-1, 8).view(torch.int64)[:, 0] * _GATHER) >> 56).to(torch.uint8)
+    return _pack(keep)  # already bool and a multiple of 8 long: no copy
 
 
 def _mask(bits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

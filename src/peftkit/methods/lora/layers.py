@@ -369,8 +369,9 @@ class LoraEmbedding(LoraLayer):
         slots = torch.tensor([stack.slots.get(n, -1) for n in self.routing.names], dtype=torch.long, device=x.device)
         rows = slots[self.routing.rows(x.shape[0])]  # (B,) stack slot, -1: the base model
         ids = x.reshape(x.shape[0], -1)  # (B, T)
-        h = stack.a[rows.clamp(min=0)[:, None], ids] * (rows >= 0).to(stack.a.dtype)[:, None, None]  # (B, T, r)
-        delta = torch.bmm(h, stack.b[rows.clamp(min=0)])  # (B, T, dim)
+        slot = rows.clamp(min=0)  # base-model rows read slot 0, zeroed below
+        h = stack.a[slot[:, None], ids] * (rows >= 0).to(stack.a.dtype)[:, None, None]  # (B, T, r)
+        delta = torch.bmm(h, stack.b[slot])  # (B, T, dim)
         return delta.reshape(*x.shape, delta.shape[-1])
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from peftkit.core.method import AdapterHost
 from peftkit.methods.lora.eva import initialize_lora_eva_weights
 
 
-def before_training(host: AdapterHost, batches: list[dict[str, torch.Tensor]]) -> None:
+def before_training(host: AdapterHost, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     """``init_lora_weights="eva"``: A of the active adapter from the SVD of the layers' inputs on ``batches``
     (``initialize_lora_eva_weights``), in eval mode (no dropout in the activations). A classifier's labels (one per
     row, not per token) are left out of the batches, so every non-padding token counts; a causal LM's token labels
