@@ -4,11 +4,13 @@ exact: every row equals its adapter run alone (rows without an adapter: the base
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from peftkit import LoraConfig, get_peft_model
 from peftkit.core.layer import BASE
+from peftkit.errors import RoutingError
 
 
 class Net(nn.Module):
@@ -72,3 +74,39 @@ def test_the_stack_survives_a_new_routing_order_and_follows_a_changed_factor():
         assert layer._stack_cache[1] is not stack
         pm.delete_adapter("b")
         assert layer._stack_cache is None  # a deleted adapter's factors are not kept alive by the stack
+
+
+def test_a_replaced_factor_or_scaling_rebuilds_the_stack_and_a_sliced_module_list_does_not():
+    """The cache check reads no module: a parameter registered anywhere (a replaced factor, a new adapter) or a
+    changed scaling rebuilds it; a ModuleList sliced on every forward (transformers' ``self.layers[:n]``) does not."""
+    pm = adapted(["a", "b"])
+    layer = pm.get_base_model().up
+    ids = torch.randint(0, 20, (4, 3), generator=torch.Generator().manual_seed(3))
+    names = ["b", "a", "a", BASE]
+    with torch.no_grad():
+        pm(ids, adapter_names=names)
+        stack = layer._stack_cache[1]
+        nn.ModuleList([nn.ReLU(), nn.ReLU()])[:1]  # what a model's forward may do
+        pm(ids, adapter_names=names)
+        assert layer._stack_cache[1] is stack
+        layer.lora_A["a"].weight = nn.Parameter(torch.randn_like(layer.lora_A["a"].weight))  # a new tensor
+        torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)
+        assert layer._stack_cache[1] is not stack
+        stack = layer._stack_cache[1]
+        layer.scaling["b"] *= 3.0
+        torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)
+        assert layer._stack_cache[1] is not stack
+
+
+def test_routing_refuses_merged_adapters_and_leaves_the_weights_alone():
+    pm = adapted(["a", "b"])
+    ids = torch.randint(0, 20, (2, 3), generator=torch.Generator().manual_seed(4))
+    pm.set_adapter("a")
+    pm.merge_adapter()
+    before = {k: v.clone() for k, v in pm.state_dict().items()}
+    with torch.no_grad(), pytest.raises(RoutingError, match="merged"):
+        pm(ids, adapter_names=["a", "b"])
+    assert all(torch.equal(before[k], v) for k, v in pm.state_dict().items())
+    pm.unmerge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids, adapter_names=["a", "b"]), alone(pm, ids, ["a", "b"]), atol=1e-5, rtol=0)

@@ -28,6 +28,30 @@ DELEGATED = frozenset(
 )  # fmt: skip
 
 
+# Parameters and submodules registered anywhere in this process (a new adapter, a replaced factor, a reload): a layer's
+# cache of its own tensors is current while this count and those tensors' version counters are unchanged. Not counted:
+# modules put in a ModuleList, which models build on each forward by slicing (``self.layers[:n]``).
+_REGISTRATIONS = [0]
+
+
+def _count_parameter(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _count_module(parent: nn.Module, *_: Any) -> None:
+    if not isinstance(parent, nn.ModuleList):
+        _REGISTRATIONS[0] += 1
+
+
+nn.modules.module.register_module_parameter_registration_hook(_count_parameter)
+nn.modules.module.register_module_module_registration_hook(_count_module)
+
+
+def registrations() -> int:
+    """How many parameters and submodules have been registered in this process so far (grows only)."""
+    return _REGISTRATIONS[0]
+
+
 @dataclass(frozen=True)
 class Routing:
     """Per-row adapters for one forward pass: row i uses ``names[index[i]]`` (``BASE`` = none).
@@ -112,7 +136,10 @@ class AdapterLayer(nn.Module):
     def routing(self) -> Routing | None:
         """The per-row routing of the call in progress in this thread / task, or None."""
         own = _LAYER_ROUTING.get()
-        return own[self] if self in own else _ROUTING.get()
+        routing = own[self] if self in own else _ROUTING.get()
+        if routing is not None and self.merged_adapters:
+            raise RoutingError("adapter_names= cannot route while adapters are merged; call unmerge_adapter() first.")
+        return routing
 
     @routing.setter
     def routing(self, value: Routing | None) -> None:

@@ -255,8 +255,6 @@ class PeftModel(nn.Module):
             )
         if batch is not None and len(names) != batch:
             raise RoutingError(f"adapter_names has {len(names)} entries for a batch of {batch} rows; give one per row.")
-        if merged_names(self.model):
-            raise RoutingError("adapter_names= cannot route while adapters are merged; call unmerge_adapter() first.")
         unique = tuple(dict.fromkeys(names))
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         index = torch.tensor([unique.index(n) for n in names], dtype=torch.long, device=device)

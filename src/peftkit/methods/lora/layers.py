@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import WrapsInPlace
+from peftkit.core.layer import WrapsInPlace, registrations
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora import autograd, dora, inits
@@ -41,7 +41,7 @@ class LoraLayer(WrapsInPlace):
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self._stack_cache: tuple[Any, FactorStack, Any] | None = None
+        self._stack_cache: tuple[Any, FactorStack, Any, list[int]] | None = None
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA's m per adapter (one per output row)
         self._dora_cache: dict[Any, tuple] = {}  # adapter -> (versions, ||W + s B A||_c); (adapter, "f") -> m / norm
         self._dora_merged: dict[str, torch.Tensor] = {}  # merged DoRA adapter -> the f it was merged with
@@ -152,12 +152,17 @@ class LoraLayer(WrapsInPlace):
     def stacked_factors(self, dtype: torch.dtype) -> FactorStack:
         """Every adapter of this layer, in the order added, ranks zero-padded: A (n, in, r_max), B (n, r_max, out)
         with the scaling folded in, and the B biases s c (n, out) (None when no adapter has one). Independent of
-        which adapters a call routes, so it is cached across calls until an adapter, a scaling or a factor changes
-        (tensor identities and version counters)."""
+        which adapters a call routes, so it is cached across calls until an adapter, a scaling or a factor changes:
+        nothing registered in the process since (``registrations``: a new adapter, a replaced parameter) and the
+        same version counters (an in-place update). The check runs per layer per routed call, so it reads no
+        module."""
+        key = (dtype, registrations(), tuple(self.scaling.items()))
+        cached = self._stack_cache
+        if cached is not None and cached[0] == key:
+            tensors = cached[2]
+            if tensors[0].device == cached[1].a.device and cached[3] == [t._version for t in tensors]:
+                return cached[1]
         tensors = self._stack_tensors()
-        key = (dtype, tuple(self.scaling.items()), tuple(map(id, tensors)), tuple(t._version for t in tensors))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
         names = list(self.r)
         r_max = max(self.r.values())
         probe_a, probe_b = self.factors(names[0])
@@ -176,7 +181,7 @@ class LoraLayer(WrapsInPlace):
                 if c is not None:
                     c_stack[k] = c
         stack = FactorStack({name: k for k, name in enumerate(names)}, a_stack, b_stack, c_stack)
-        self._stack_cache = (key, stack, tensors)  # the tensors kept alive: their ids stay theirs
+        self._stack_cache = (key, stack, tensors, [t._version for t in tensors])
         return stack
 
     def _stack_tensors(self) -> tuple[torch.Tensor, ...]:

@@ -13,8 +13,10 @@ layer's own weight. Here the rows are sorted by adapter into m segments (the m a
 two batched matmuls over the used adapters' factors, whatever the number of rows: the segmented GEMM that Punica
 (SGMV, Chen et al. 2023) and S-LoRA (Sheng et al. 2023) write as GPU kernels, here with ``torch.bmm``. The layout
 (``Plan``) is built once per forward call and shared by every layer with the same adapters. Rows without an adapter
-read a zero row. When adapters are so unevenly used that padding would move more numbers than gathering the
-factors (``m width T > B (r + T)``), ``grouped_delta`` returns None and the caller gathers.
+read a zero row. Rows that already sit in that layout (sorted by adapter, equal counts: one adapter for all rows,
+or one row per adapter in order) are not moved at all. Otherwise moving them in and out costs m width T (in + out)
+numbers against B r (in + out) for gathering each row's factors: when ``m width T > B r`` (several tokens per row,
+as in a prefill, or padding from very uneven use) ``grouped_delta`` returns None and the caller gathers.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Segments:
     width: int  # slots per adapter (the largest row count)
     gather: torch.Tensor  # (m * width,) the row in each slot; padding slots hold row 0
     back: torch.Tensor  # (B,) each row's slot; a row without an adapter points past the end (m * width)
+    in_place: bool = False  # the rows already sit in this layout (sorted by adapter, equal counts): no copies
 
 
 def segments(rows: torch.Tensor, n: int) -> Segments:
@@ -76,7 +79,8 @@ def _segments(kinds: list[int], n: int, device: torch.device) -> Segments:
             gather[back[row]] = row
             filled[k] += 1
     long = {"dtype": torch.long, "device": device}  # also when empty (no row uses these adapters)
-    return Segments(width, torch.tensor(gather, **long), torch.tensor(back, **long))
+    in_place = n * width == len(kinds) and back == list(range(len(kinds)))  # every slot filled, rows in order
+    return Segments(width, torch.tensor(gather, **long), torch.tensor(back, **long), in_place)
 
 
 @dataclass(frozen=True)
@@ -125,17 +129,21 @@ def grouped_delta(
     if m == 0:  # no row routed to this layer's adapters
         y = flat.new_zeros(batch, tokens, stack.b.shape[2])
         return (y if bias is None else y + bias), layout
-    if m * width * tokens > batch * (r + tokens):
+    in_place = layout.segments.in_place
+    if not in_place and m * width * tokens > batch * r:  # moving the rows would move more than the factors
         return None, layout
     a, b, c = stack.select(layout.used)
-    xs = flat.index_select(0, layout.segments.gather).reshape(m, width * tokens, -1)  # (m, width T, in)
-    ys = torch.bmm(torch.bmm(xs, a), b).reshape(m * width, tokens, -1)  # (m width, T, out)
+    xs = flat if in_place else flat.index_select(0, layout.segments.gather)
+    ys = torch.bmm(torch.bmm(xs.reshape(m, width * tokens, -1), a), b).reshape(m * width, tokens, -1)
     if c is not None:
         ys = ys + c.repeat_interleave(width, 0)[:, None, :]
-    if not layout.adapted:
-        ys = torch.cat([ys, ys.new_zeros(1, *ys.shape[1:])])  # the zero row of rows without an adapter
-    y = ys.index_select(0, layout.segments.back)  # (B, T, out)
-    return (y if bias is None else y + bias), layout
+    if in_place:
+        y = ys  # (B, T, out)
+    else:
+        if not layout.adapted:
+            ys = torch.cat([ys, ys.new_zeros(1, *ys.shape[1:])])  # the zero row of rows without an adapter
+        y = ys.index_select(0, layout.segments.back)  # (B, T, out)
+    return (y if bias is None else y.add_(bias)), layout
 
 
 def gathered_delta(x: torch.Tensor, stack: FactorStack, layout: Plan, bias: torch.Tensor | None) -> torch.Tensor:
