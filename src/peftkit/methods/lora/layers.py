@@ -148,7 +148,6 @@ class LoraLayer(WrapsInPlace):
                 if c is not None:
                     base.bias -= c.to(base.bias.dtype)
 
-    @torch.no_grad()
     def stacked_factors(self, dtype: torch.dtype) -> FactorStack:
         """Every adapter of this layer, in the order added, ranks zero-padded: A (n, in, r_max), B (n, r_max, out)
         with the scaling folded in, and the B biases s c (n, out) (None when no adapter has one). Independent of
@@ -162,6 +161,10 @@ class LoraLayer(WrapsInPlace):
             tensors = cached[2]
             if tensors[0].device == cached[1].a.device and cached[3] == [t._version for t in tensors]:
                 return cached[1]
+        with torch.no_grad():
+            return self._restack(key, dtype)
+
+    def _restack(self, key: tuple, dtype: torch.dtype) -> FactorStack:
         tensors = self._stack_tensors()
         names = list(self.r)
         r_max = max(self.r.values())
@@ -250,7 +253,7 @@ class LoraLinear(LoraLayer):
 
     def _plain_weight(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
         """The base weight as (in, out) when the base is a plain Linear / Conv1D this call can bypass, else None."""
-        base = self.base_layer
+        base = self._modules["base_layer"]  # read per call: no module attribute lookups on this path
         plain = type(base) is nn.Linear or (self.fan_in_fan_out and is_conv1d_gpt2(base))
         if (
             not plain
@@ -261,10 +264,10 @@ class LoraLinear(LoraLayer):
             or nn.modules.module._global_forward_hooks
         ):
             return None
-        weight = base.weight
-        if torch.is_autocast_enabled(x.device.type):  # autocast casts addmm but not the in-place addmm_
+        weight = base._parameters["weight"]
+        if x.dtype != weight.dtype or torch.is_autocast_enabled(x.device.type):  # autocast: addmm_ is not cast
             return None
-        if x.dtype != weight.dtype or weight.dtype != next(iter(self.lora_A.values())).weight.dtype:
+        if weight.dtype != next(iter(self._modules["lora_A"]._modules.values()))._parameters["weight"].dtype:
             return None
         return weight if self.fan_in_fan_out else weight.T
 
@@ -272,11 +275,12 @@ class LoraLinear(LoraLayer):
         """W x + b + sum_a s_a B_a A_a x. On a plain base layer the low-rank terms (and b) are computed first and
         the base GEMM accumulates into them (``addmm``), which saves two passes over the output; while training,
         through ``autograd.LoraLinearFunction``, which keeps less for backward (``autograd.set_lora_backward``)."""
-        routed = self.routing is not None and not self.disabled
+        routing = None if self.disabled else self.routing
+        routed = routing is not None
         live = self.live_adapters() if not routed else []
-        if not live and not (routed and self.has_routed_adapters()):
+        if not live and not (routed and any(n in self.r for n in routing.names)):
             return self.base_layer(x, *args, **kwargs)
-        if self.lora_magnitude_vector and dora.uses_dora(self, self.routing.names if routed else live):
+        if self._modules["lora_magnitude_vector"] and dora.uses_dora(self, routing.names if routed else live):
             return dora.forward(self, x, live, *args, **kwargs)
         weight_t = self._plain_weight(x, *args, **kwargs)  # (in, out) or None
         if weight_t is None:
@@ -287,7 +291,7 @@ class LoraLinear(LoraLayer):
             fused = autograd.lora_linear(self, x, weight_t, live)
             if fused is not None:
                 return fused
-        bias = self.base_layer.bias
+        bias = self._modules["base_layer"]._parameters["bias"]  # a plain Linear / Conv1D here
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         delta = self._routed(x, bias) if routed else self._delta(x2, live, bias)  # (N, out)
         # in place: delta is a fresh tensor no backward needs, so the GEMM accumulates into it without a copy

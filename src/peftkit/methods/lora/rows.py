@@ -38,6 +38,16 @@ class FactorStack:
     b: torch.Tensor
     c: torch.Tensor | None
     _subset: tuple[tuple[int, ...], tuple] | None = field(default=None, repr=False)
+    _slots_of: tuple[tuple[str, ...], tuple[int, ...]] = field(default=((), ()), repr=False)
+
+    def slots_of(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        """Each routing name's slot (-1: not an adapter of this layer); the last answer is kept, since every call of
+        a forward pass and consecutive decoding steps often route the same names."""
+        seen, slots = self._slots_of
+        if names is not seen and names != seen:
+            slots = tuple(self.slots.get(name, -1) for name in names)
+            self._slots_of = (names, slots)
+        return slots
 
     def select(self, used: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A, B, c of the slots ``used`` (ascending), without a copy when that is every slot; the last subset is
@@ -116,12 +126,18 @@ def _plan(routing: Routing, batch: int, slots: tuple[int, ...]) -> Plan:
     return cached
 
 
+def moving_rows_pays(slots: int, tokens: int, batch: int, r: int) -> bool:
+    """Whether moving the rows into ``slots`` by-adapter slots and back ((in + out) T numbers a slot) moves fewer
+    numbers than gathering each row's own factors ((in + out) r a row)."""
+    return slots * tokens <= batch * r
+
+
 def grouped_delta(
     routing: Routing, x: torch.Tensor, stack: FactorStack, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, Plan]:
     """(bias + s_k (B_k A_k x_i + c_k) for every row i of x (B, ..., in), as (B, T, out), the call's plan); the
     delta is None when the padded layout would cost more than gathering each row's factors (the caller gathers)."""
-    slots = tuple(stack.slots.get(name, -1) for name in routing.names)
+    slots = stack.slots_of(routing.names)
     flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, T, in)
     batch, tokens = flat.shape[:2]
     layout = _plan(routing, batch, slots)
@@ -130,7 +146,7 @@ def grouped_delta(
         y = flat.new_zeros(batch, tokens, stack.b.shape[2])
         return (y if bias is None else y + bias), layout
     in_place = layout.segments.in_place
-    if not in_place and m * width * tokens > batch * r:  # moving the rows would move more than the factors
+    if not in_place and not moving_rows_pays(m * width, tokens, batch, r):
         return None, layout
     a, b, c = stack.select(layout.used)
     xs = flat if in_place else flat.index_select(0, layout.segments.gather)
