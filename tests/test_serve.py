@@ -346,6 +346,26 @@ def test_rows_joining_and_leaving_match_each_row_alone(build, config):
     assert KVBatch().keep([]).size == 0
 
 
+def test_the_cache_grows_in_place_and_two_steps_from_one_cache_keep_their_own_entries():
+    """batch.py ``Columns``: a decoding step writes its column into spare room (no copy of the whole cache per token)
+    and equals a fresh prefill of the whole sequences (transformers' own cache); two steps taken from one cache each
+    keep their own entries."""
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        _, kv = prefill(model, [[5, 6, 7], [8, 9]], None, 0)
+        _, kv1 = decode_step(model, kv, [1, 2], None)
+        second, kv2 = decode_step(model, kv1, [3, 4], None)
+        assert kv2.layers[0][0].data_ptr() == kv1.layers[0][0].data_ptr()  # the same buffer: nothing copied
+        other, _ = decode_step(model, kv1, [7, 7], None)  # from kv1 again: kv2's column 4 must survive
+        again, _ = decode_step(model, kv2, [5, 5], None)
+        for got, rows in [
+            (second, [[5, 6, 7, 1, 3], [8, 9, 2, 4]]),
+            (other, [[5, 6, 7, 1, 7], [8, 9, 2, 7]]),
+            (again, [[5, 6, 7, 1, 3, 5], [8, 9, 2, 4, 5]]),
+        ]:
+            torch.testing.assert_close(got, prefill(model, rows, None, 0)[0], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("adapters", "tokens"),
     [

@@ -11,6 +11,10 @@ row's rotary positions come from its own length, so a row computes what it would
   and stacked under the running rows;
 - step: one token per row, one forward pass for all rows and all adapters;
 - leave: finished rows are dropped with ``index_select`` and columns that became padding in every row are trimmed.
+
+Between joins and leaves the cache grows in place: its tensors are the first columns of buffers with spare columns
+(``Columns``), and a step writes its one new column into them. transformers' ``DynamicLayer`` concatenates instead,
+and building a ``DynamicCache`` from tensors concatenates once more: two copies of the whole cache per token.
 """
 
 from __future__ import annotations
@@ -23,6 +27,47 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Buffers:
+    """Preallocated (B, H, capacity, D) keys and values, of which the first ``filled`` columns hold entries."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    filled: int
+
+
+class Columns(DynamicLayer):
+    """A cache layer whose keys / values (B, H, T, D) are the first T columns of ``buffers`` (or plain tensors,
+    ``buffers`` None): an update writes its columns into the spare ones, in place. Buffers are (re)allocated, with
+    room for 64 more columns or half as many again, when there is no room or when another cache already wrote past
+    these T columns (two caches grown from one: each keeps its own entries)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, buffers: Buffers | None) -> None:
+        super().__init__()
+        self.keys, self.values, self.buffers = keys, values, buffers
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        width, extra = self.keys.shape[-2], key_states.shape[-2]
+        room = self.buffers
+        if room is None or room.filled != width or room.keys.shape[-2] < width + extra:
+            capacity = width + extra + max(64, (width + extra) // 2)
+            room = self.buffers = Buffers(_grown(self.keys, capacity), _grown(self.values, capacity), width)
+        room.keys[:, :, width : width + extra].copy_(key_states)
+        room.values[:, :, width : width + extra].copy_(value_states)
+        room.filled = width + extra
+        self.keys, self.values = room.keys[:, :, : width + extra], room.values[:, :, : width + extra]
+        return self.keys, self.values
+
+
+def _grown(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A (B, H, capacity, D) buffer whose first columns are ``t`` (B, H, T, D)."""
+    out = t.new_empty(*t.shape[:2], capacity, t.shape[3])
+    out[:, :, : t.shape[2]].copy_(t)
+    return out
 
 
 @dataclass
@@ -32,6 +77,7 @@ class KVBatch:
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer (B, H, T, D) k, v
     mask: torch.Tensor | None = None  # (B, T) long, 1 on real entries
     lengths: torch.Tensor | None = None  # (B,) long, real entries per row (= the next token's position)
+    buffers: list[Buffers | None] | None = None  # per layer: what ``layers`` are the first columns of, if anything
 
     @property
     def size(self) -> int:
@@ -44,11 +90,14 @@ class KVBatch:
     @staticmethod
     def from_cache(cache: DynamicCache, mask: torch.Tensor) -> KVBatch:
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        return KVBatch(layers, mask, mask.sum(-1))
+        return KVBatch(layers, mask, mask.sum(-1), [getattr(layer, "buffers", None) for layer in cache.layers])
 
     def to_cache(self) -> DynamicCache:
-        """A DynamicCache over (views of) these tensors; the next forward appends one column to each layer."""
-        return DynamicCache(ddp_cache_data=self.layers)
+        """A DynamicCache over these tensors, without a copy; the next forward writes one column into each layer."""
+        cache = DynamicCache()
+        buffers = self.buffers or [None] * len(self.layers)
+        cache.layers = [Columns(k, v, b) for (k, v), b in zip(self.layers, buffers)]
+        return cache
 
     def widen(self, width: int) -> KVBatch:
         """The same rows, left-padded with masked columns to ``width``."""

@@ -307,13 +307,17 @@ class LoraLinear(LoraLayer):
         """bias + sum_a s_a ((x A_a^T) B_a^T + c_a) for rows x2 (N, in); the scale is applied to the small (N, r)
         term (c_a: B's bias under lora_bias, else 0)."""
         acc = bias
+        holders = self._modules  # read directly: this runs per layer per call (decoding: per token)
         for name in names:
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = lora_a(self.lora_dropout[name](x2.to(lora_a.weight.dtype))) * self.scaling[name]  # (N, r)
-            acc = torch.mm(h, lora_b.weight.T) if acc is None else torch.addmm(acc, h, lora_b.weight.T)  # (N, out)
-            c = self.bias_delta(name)
+            lora_a, lora_b = holders["lora_A"]._modules[name], holders["lora_B"]._modules[name]
+            dropout = holders["lora_dropout"]._modules[name]
+            h = x2.to(lora_a._parameters["weight"].dtype)
+            h = lora_a(dropout(h) if dropout.training else h) * self.scaling[name]  # (N, r); eval: no dropout
+            b_t = lora_b._parameters["weight"].T
+            acc = torch.mm(h, b_t) if acc is None else torch.addmm(acc, h, b_t)  # (N, out)
+            c = lora_b._parameters.get("bias")
             if c is not None:
-                acc = acc + c
+                acc = acc + c * self.scaling[name]
         return acc
 
     def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
