@@ -184,13 +184,13 @@ def decode_steps(state, batch: int, repeats: int) -> dict[int, list[float]]:
     """In-process, no HTTP: seconds of one decoding step (batch rows, one token each) over a cache of 32 tokens and
     growing, rows routed over k adapters (k = 0: the base model), alternating the settings; what the per-row layers
     cost."""
-    from peftkit.core.layer import BASE
+    from peftkit.core.layer import BASE, fixed_weights
     from peftkit.serve.batch import decode_step, prefill
 
     model = state.registry.model
     prompts = [[100 + i] * 32 for i in range(batch)]
     times: dict[int, list[float]] = {k: [] for k in SETTINGS}
-    with torch.inference_mode():
+    with torch.inference_mode(), fixed_weights():  # as the engine runs its steps
         _, kv = prefill(model, prompts, [BASE] * batch, 0)
         chains = dict.fromkeys(SETTINGS, kv)  # each setting grows its own copy of the cache, as a running batch does
         for r in range(repeats + 1):  # round 0: warm-up (each chain's first step allocates its room to grow in)

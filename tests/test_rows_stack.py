@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from peftkit import LoraConfig, get_peft_model
-from peftkit.core.layer import BASE
+from peftkit.core.layer import BASE, fixed_weights
 from peftkit.errors import RoutingError
 
 
@@ -110,3 +110,24 @@ def test_routing_refuses_merged_adapters_and_leaves_the_weights_alone():
     pm.unmerge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(pm(ids, adapter_names=["a", "b"]), alone(pm, ids, ["a", "b"]), atol=1e-5, rtol=0)
+
+
+def test_fixed_weights_skips_the_version_check_but_still_sees_new_parameters():
+    """core/layer.py ``fixed_weights()`` (what the server's engine runs its steps under): the stack is reused without
+    reading version counters, so an in-place edit made inside is not seen until the block ends (the caller's
+    promise), while a replaced parameter still is."""
+    pm = adapted(["a", "b"])
+    layer = pm.get_base_model().up
+    ids = torch.randint(0, 20, (4, 3), generator=torch.Generator().manual_seed(5))
+    names = ["a", "b", "a", BASE]
+    with torch.no_grad():
+        before = pm(ids, adapter_names=names)
+        stack = layer._stack_cache[1]
+        with fixed_weights():
+            layer.lora_B["a"].weight.mul_(2.0)
+            torch.testing.assert_close(pm(ids, adapter_names=names), before)  # the promise: nothing edited in place
+            assert layer._stack_cache[1] is stack
+            layer.lora_A["b"].weight = nn.Parameter(layer.lora_A["b"].weight * 3.0)  # a new parameter: seen
+            torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)
+        assert layer._stack_cache[1] is not stack
+        torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from peftkit.core.layer import BASE
+from peftkit.core.layer import BASE, fixed_weights
 from peftkit.serve.adapters import AdapterRegistry
 from peftkit.serve.batch import KVBatch, decode_step, prefill
 from peftkit.serve.sampling import SamplingParams, TextStream, make_generator, next_tokens
@@ -188,7 +188,7 @@ class Engine:
         if not joiners:
             return
         model, names = self._plan(joiners)
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_weights():  # adapters change only between steps (new parameters)
             logits, kv = prefill(model, [r.prompt for r in joiners], names, self.pad_id)
         tokens = next_tokens(logits, [r.params for r in joiners], [r.generator for r in joiners])
         self._joining = []
@@ -204,7 +204,7 @@ class Engine:
         if not self._running:
             return
         model, names = self._plan(self._running)
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_weights():
             logits, self._kv = decode_step(model, self._kv, [r.generated[-1] for r in self._running], names)
         self.steps += 1
         tokens = next_tokens(logits, [r.params for r in self._running], [r.generator for r in self._running])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import WrapsInPlace, registrations
+from peftkit.core.layer import WrapsInPlace, registrations, weights_fixed
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora import autograd, dora, inits
@@ -153,13 +153,14 @@ class LoraLayer(WrapsInPlace):
         with the scaling folded in, and the B biases s c (n, out) (None when no adapter has one). Independent of
         which adapters a call routes, so it is cached across calls until an adapter, a scaling or a factor changes:
         nothing registered in the process since (``registrations``: a new adapter, a replaced parameter) and the
-        same version counters (an in-place update). The check runs per layer per routed call, so it reads no
-        module."""
+        same version counters (an in-place update; not read inside ``fixed_weights()``). The check runs per layer
+        per routed call, so it reads no module."""
         key = (dtype, registrations(), tuple(self.scaling.items()))
         cached = self._stack_cache
         if cached is not None and cached[0] == key:
             tensors = cached[2]
-            if tensors[0].device == cached[1].a.device and cached[3] == [t._version for t in tensors]:
+            current = weights_fixed() or cached[3] == [t._version for t in tensors]
+            if current and tensors[0].device == cached[1].a.device:
                 return cached[1]
         with torch.no_grad():
             return self._restack(key, dtype)

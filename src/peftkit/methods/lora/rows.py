@@ -150,7 +150,11 @@ def grouped_delta(
         return None, layout
     a, b, c = stack.select(layout.used)
     xs = flat if in_place else flat.index_select(0, layout.segments.gather)
-    ys = torch.bmm(torch.bmm(xs.reshape(m, width * tokens, -1), a), b).reshape(m * width, tokens, -1)
+    if m == 1:  # one adapter: plain matmuls (cheaper than a batch of one at decoding shapes)
+        ys = torch.mm(torch.mm(xs.reshape(width * tokens, -1), a[0]), b[0])
+    else:
+        ys = torch.bmm(torch.bmm(xs.reshape(m, width * tokens, -1), a), b)
+    ys = ys.reshape(m * width, tokens, -1)
     if c is not None:
         ys = ys + c.repeat_interleave(width, 0)[:, None, :]
     if in_place:
