@@ -182,8 +182,8 @@ def read_bandwidth(megabytes: int = 256) -> float:
 
 def decode_steps(state, batch: int, repeats: int) -> dict[int, list[float]]:
     """In-process, no HTTP: seconds of one decoding step (batch rows, one token each) over a cache of 32 tokens and
-    growing, rows routed over k adapters (k = 0: the base model), alternating the settings; what the per-row layers
-    cost."""
+    growing, rows routed over k adapters (k = 0: the base model) and sorted by adapter as the engine keeps them,
+    alternating the settings; what the per-row layers cost."""
     from peftkit.core.layer import BASE, fixed_weights
     from peftkit.serve.batch import decode_step, prefill
 
@@ -195,7 +195,7 @@ def decode_steps(state, batch: int, repeats: int) -> dict[int, list[float]]:
         chains = dict.fromkeys(SETTINGS, kv)  # each setting grows its own copy of the cache, as a running batch does
         for r in range(repeats + 1):  # round 0: warm-up (each chain's first step allocates its room to grow in)
             for k in SETTINGS[r % len(SETTINGS) :] + SETTINGS[: r % len(SETTINGS)]:
-                names = [BASE] * batch if k == 0 else [f"a{i % k}" for i in range(batch)]
+                names = [BASE] * batch if k == 0 else [f"a{i * k // batch}" for i in range(batch)]  # by adapter
                 start = time.perf_counter()
                 _, chains[k] = decode_step(model, chains[k], [5] * batch, names)
                 if r:

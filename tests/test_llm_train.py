@@ -117,6 +117,8 @@ def test_no_gradient_checkpointing_flag_and_help(files, tmp_path):
 
     shown = CliRunner().invoke(build_app(), ["train", "--help"], env={"COLUMNS": "250"}).stdout
     assert "--no-gradient-checkpointing" in shown and "default: on for causal_lm" in shown
+    assert "(default: None)" not in shown.split("--gradient-checkpointing")[1].split("--bf16")[0]  # said in words
+    assert "Text column (default: guessed)." in shown and "guessed). (default" not in shown
     settings = build_train_config({"gradient_checkpointing": False}, None, demo=False)
     assert settings.gradient_checkpointing is False
     assert build_train_config({}, None, demo=False).gradient_checkpointing is None

@@ -131,3 +131,17 @@ def test_fixed_weights_skips_the_version_check_but_still_sees_new_parameters():
             torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)
         assert layer._stack_cache[1] is not stack
         torch.testing.assert_close(pm(ids, adapter_names=names), alone(pm, ids, names), atol=1e-4, rtol=1e-5)
+
+
+def test_consecutive_slots_are_views_and_other_subsets_one_kept_copy():
+    from peftkit.methods.lora.rows import FactorStack
+
+    a, b, c = torch.randn(4, 5, 2), torch.randn(4, 2, 3), torch.randn(4, 3)
+    stack = FactorStack({"p": 0, "q": 1, "r": 2, "s": 3}, a, b, c)
+    for used in [(0, 1, 2, 3), (1, 2), (3,)]:
+        got = stack.select(used)
+        assert all(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for t, s in zip(got, (a, b, c)))
+        assert all(torch.equal(t, s[list(used)]) for t, s in zip(got, (a, b, c)))
+    first = stack.select((0, 2))
+    assert all(torch.equal(t, s[[0, 2]]) for t, s in zip(first, (a, b, c)))
+    assert stack.select((0, 2))[0] is first[0]  # kept for the next step

@@ -189,12 +189,20 @@ def test_concurrent_mixed_adapters_each_equal_its_solo_run(client, server):
     solo = {job: complete(client, job[0], templated(job[1]), 16) for job in jobs}
     engine = server.state.engine
     engine.max_rows_seen = 0
+    orders, sort_rows = [], engine._sort_rows
+    engine._sort_rows = lambda: (sort_rows(), orders.append([r.adapter for r in engine._running]))
     hold = engine.call(lambda: time.sleep(0.5))  # the engine pauses: every request below queues, then all join at once
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = dict(zip(jobs, pool.map(lambda job: complete(client, job[0], templated(job[1]), 16), jobs)))
-    hold.result()
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = dict(zip(jobs, pool.map(lambda job: complete(client, job[0], templated(job[1]), 16), jobs)))
+        hold.result()
+    finally:
+        del engine._sort_rows
     assert together == solo
     assert engine.max_rows_seen > 4  # the requests shared forward passes
+    rank = {name: k for k, name in enumerate(server.state.registry.model.peft_config)}  # the stacks' slot order
+    ranks = [[rank.get(name, -1) for name in order] for order in orders]
+    assert any(len(set(r)) > 1 for r in ranks) and all(r == sorted(r) for r in ranks)  # rows sit by adapter
 
 
 def test_a_client_that_goes_away_frees_its_row(server):

@@ -75,11 +75,13 @@ def train_parameters(exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
         if f.name == "method_args" or f.name in exclude:
             continue
         base = _plain_type(hints[f.name])
+        text = f.metadata.get("help", "")
         demo = f" (demo: {DEMO[f.name]!r})" if f.name in DEMO else ""
+        default = "" if "default:" in text else f" (default: {_default_text(f)}{demo})"  # said in words already
         option = typer.Option(
             None,
             f"--{flag(f.name)}/--no-{flag(f.name)}" if base is bool else f"--{flag(f.name)}",
-            help=f"{f.metadata.get('help', '')} (default: {_default_text(f)}{demo})",
+            help=f"{text}{default or demo}",
             rich_help_panel=TRAIN_PANEL,
             show_default=False,
         )

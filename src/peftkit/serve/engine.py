@@ -195,7 +195,22 @@ class Engine:
         alive = [i for i, (r, t) in enumerate(zip(joiners, tokens)) if not self._advance(r, t)]
         self._running += [joiners[i] for i in alive]
         self._kv = self._kv.stack(kv.keep(alive))
+        self._sort_rows()
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
+
+    def _sort_rows(self) -> None:
+        """Order the running rows by adapter, in the order the adapters were loaded (the order of each layer's
+        factor stack): with as many rows per adapter, every per-row layer then reads the rows where they are
+        instead of moving them in and out (methods/lora/rows.py). Rows leave without changing the order, so this
+        copies the cache at admissions only, and only when the new rows are out of order."""
+        model, routed = self.registry.runner()
+        if not routed:
+            return
+        rank = {name: k for k, name in enumerate(model.peft_config)}
+        order = sorted(range(len(self._running)), key=lambda i: rank.get(self._running[i].adapter, -1))
+        if order != list(range(len(order))):
+            self._running = [self._running[i] for i in order]
+            self._kv = self._kv.keep(order)
 
     def _step(self) -> None:
         gone = [i for i, r in enumerate(self._running) if r.cancelled]

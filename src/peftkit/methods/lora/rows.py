@@ -50,10 +50,12 @@ class FactorStack:
         return slots
 
     def select(self, used: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """A, B, c of the slots ``used`` (ascending), without a copy when that is every slot; the last subset is
-        kept, since consecutive decoding steps route the same adapters."""
-        if len(used) == self.a.shape[0]:
-            return self.a, self.b, self.c
+        """A, B, c of the slots ``used`` (ascending): views when they are consecutive (every slot, or a running batch
+        over adapters loaded one after another), else a copy, of which the last is kept (consecutive decoding steps
+        route the same adapters)."""
+        if used[-1] - used[0] + 1 == len(used):
+            part = slice(used[0], used[-1] + 1)
+            return self.a[part], self.b[part], None if self.c is None else self.c[part]
         if self._subset is None or self._subset[0] != used:
             index = torch.tensor(used, dtype=torch.long, device=self.a.device)
             c = None if self.c is None else self.c.index_select(0, index)
