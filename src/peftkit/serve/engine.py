@@ -184,7 +184,7 @@ class Engine:
             return f"adapter {request.adapter!r} failed to load: {err}"
 
     def _admit(self) -> None:
-        joiners = self._joining = self._take_joiners()
+        joiners = self._joining = sorted(self._take_joiners(), key=self._adapter_rank())  # the prefill, in place too
         if not joiners:
             return
         model, names = self._plan(joiners)
@@ -203,14 +203,17 @@ class Engine:
         factor stack): with as many rows per adapter, every per-row layer then reads the rows where they are
         instead of moving them in and out (methods/lora/rows.py). Rows leave without changing the order, so this
         copies the cache at admissions only, and only when the new rows are out of order."""
-        model, routed = self.registry.runner()
-        if not routed:
-            return
-        rank = {name: k for k, name in enumerate(model.peft_config)}
-        order = sorted(range(len(self._running)), key=lambda i: rank.get(self._running[i].adapter, -1))
+        rank = self._adapter_rank()
+        order = sorted(range(len(self._running)), key=lambda i: rank(self._running[i]))
         if order != list(range(len(order))):
             self._running = [self._running[i] for i in order]
             self._kv = self._kv.keep(order)
+
+    def _adapter_rank(self) -> Callable[[Request], int]:
+        """A request's adapter's place in load order (the base model first), the key rows are sorted by."""
+        model, routed = self.registry.runner()
+        rank = {name: k for k, name in enumerate(model.peft_config)} if routed else {}
+        return lambda request: rank.get(request.adapter, -1)
 
     def _step(self) -> None:
         gone = [i for i, r in enumerate(self._running) if r.cancelled]
