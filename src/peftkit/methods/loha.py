@@ -107,5 +107,7 @@ METHOD = Method(
     config_class=LoHaConfig,
     inject=inject,
     can_merge=True,
-    training=Training(learning_rate=1e-3),
+    # 1e-2: the update starts from a zero factor and grows from a product with it; at 1e-3 it did not move SST-2's
+    # classifier in 125 steps nor SmolLM2's held-out answer loss in 20 (docs/benchmarks.md, issue 20's methods)
+    training=Training(learning_rate=1e-2),
 )
