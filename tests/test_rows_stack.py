@@ -86,7 +86,7 @@ def test_a_replaced_factor_or_scaling_rebuilds_the_stack_and_a_sliced_module_lis
     with torch.no_grad():
         pm(ids, adapter_names=names)
         stack = layer._stack_cache[1]
-        nn.ModuleList([nn.ReLU(), nn.ReLU()])[:1]  # what a model's forward may do
+        nn.ModuleList([nn.ReLU(), nn.ReLU()])[:1], nn.Sequential(nn.ReLU(), nn.ReLU())[:1]  # what forwards may do
         pm(ids, adapter_names=names)
         assert layer._stack_cache[1] is stack
         layer.lora_A["a"].weight = nn.Parameter(torch.randn_like(layer.lora_A["a"].weight))  # a new tensor

@@ -30,7 +30,8 @@ DELEGATED = frozenset(
 
 # Parameters and submodules registered anywhere in this process (a new adapter, a replaced factor, a reload): a layer's
 # cache of its own tensors is current while this count and those tensors' version counters are unchanged. Not counted:
-# modules put in a ModuleList, which models build on each forward by slicing (``self.layers[:n]``).
+# modules put in a ModuleList or Sequential, which models build on each forward by slicing (``self.layers[:n]``); a
+# layer put there is a new object with its own caches.
 _REGISTRATIONS = [0]
 
 
@@ -39,7 +40,7 @@ def _count_parameter(*_: Any) -> None:
 
 
 def _count_module(parent: nn.Module, *_: Any) -> None:
-    if not isinstance(parent, nn.ModuleList):
+    if not isinstance(parent, (nn.ModuleList, nn.Sequential)):
         _REGISTRATIONS[0] += 1
 
 
