@@ -23,7 +23,7 @@ from models import perturb, tiny_gpt2, tiny_llama  # noqa: E402
 from peftkit import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model  # noqa: E402
 from peftkit.serve.batch import KVBatch, decode_step, prefill  # noqa: E402
 from peftkit.serve.protocol import Limits  # noqa: E402
-from peftkit.serve.sampling import TextStream, top_p_filter  # noqa: E402
+from peftkit.serve.sampling import SamplingParams, TextStream, make_generator, next_tokens, top_p_filter  # noqa: E402
 from peftkit.serve.server import build_state  # noqa: E402
 from peftkit.train.models import load_model, load_tokenizer  # noqa: E402
 
@@ -408,6 +408,17 @@ def test_grouped_rows_equal_each_row_through_its_own_factors(adapters, tokens):
     assert sorted(plan.back.tolist()) == plan.back.unique().tolist()  # every row has its own slot
     assert all(plan.gather[slot] == row for row, slot in enumerate(plan.back.tolist()))
     assert grouped.in_place == (adapters == sorted(adapters) and len(set(map(adapters.count, adapters))) == 1)
+
+
+def test_greedy_rows_pick_argmax_first_maximum_ties_and_nan_included():
+    """sampling.py reads greedy tokens with ``max(-1).indices`` (faster than argmax on CPU): the same index."""
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, [3, 9]] = 9.0  # a tie: the first
+    logits[2, [4, 30]] = float("nan")  # NaN counts as the maximum, as in argmax
+    logits[3] = 0.0
+    rows = len(logits)
+    got = next_tokens(logits, [SamplingParams(max_tokens=1, temperature=0)] * rows, [make_generator(None)] * rows)
+    assert got == logits.argmax(-1).tolist() and got[1:4] == [3, 4, 0]
 
 
 def test_top_p_keeps_the_nucleus_and_stop_strings_are_held_back():
