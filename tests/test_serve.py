@@ -184,6 +184,25 @@ def test_streaming_equals_the_whole_answer(client):
     assert "".join(c.choices[0].delta.content or "" for c in chat) == whole
 
 
+def test_a_request_that_does_not_stream_gets_one_event_with_the_whole_text(server):
+    """engine.py: per-token events wake the caller's event loop; a non-streaming request gets only the last one,
+    holding everything a streaming request would have been sent, piece by piece."""
+    from peftkit.serve.engine import Request
+
+    tok = server.state.tokenizer
+    prompt = tok.encode(templated("count with me"))
+    got: dict[bool, list] = {True: [], False: []}
+    for streaming in (True, False):
+        params = SamplingParams(max_tokens=24, temperature=0, stop=("zz",))
+        server.state.engine.submit(Request(prompt, "alpha", params, got[streaming].append, tok, streaming))
+        deadline = time.time() + 10
+        while not (got[streaming] and got[streaming][-1].finish_reason) and time.time() < deadline:
+            time.sleep(0.01)
+    assert len(got[False]) == 1 and len(got[True]) > 2
+    assert got[False][0].text == "".join(e.text for e in got[True]) != ""
+    assert got[False][0].completion_tokens == got[True][-1].completion_tokens
+
+
 def test_concurrent_mixed_adapters_each_equal_its_solo_run(client, server):
     jobs = [(name, f"prompt {i} for {name}") for i in range(3) for name in (*ADAPTERS, "tiny")]
     solo = {job: complete(client, job[0], templated(job[1]), 16) for job in jobs}

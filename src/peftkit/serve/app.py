@@ -94,9 +94,11 @@ async def read_json(request: Request, limit: int) -> Any:
         raise P.RequestError(f"The body is not valid JSON: {err}", 400, code="invalid_json") from None
 
 
-def events(state: ServeState, prompt: list[int], adapter: str, params: SamplingParams) -> AsyncIterator[Event]:
+def events(
+    state: ServeState, prompt: list[int], adapter: str, params: SamplingParams, streaming: bool
+) -> AsyncIterator[Event]:
     """Submit one generation to the engine now (a refusal raises here, before any response starts) and return its
-    events; a client that goes away cancels it."""
+    events (``streaming`` False: one, at the end, with the whole text); a client that goes away cancels it."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -106,7 +108,7 @@ def events(state: ServeState, prompt: list[int], adapter: str, params: SamplingP
         except RuntimeError:  # the event loop is gone (shutdown timed out): nobody is listening
             generation.cancelled = True
 
-    generation = Generation(prompt, adapter, params, emit, state.tokenizer)
+    generation = Generation(prompt, adapter, params, emit, state.tokenizer, streaming)
     state.engine.submit(generation)
 
     async def stream() -> AsyncIterator[Event]:
@@ -221,7 +223,7 @@ def _generation_routes(router: APIRouter, state: ServeState) -> None:
         prompt = body.prompt_text()
         ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         check_prompt(state, ids)
-        rid, stream = P.new_id("cmpl"), events(state, ids, adapter, params)
+        rid, stream = P.new_id("cmpl"), events(state, ids, adapter, params, body.stream)
         if body.stream:
             return sse(_completion_chunks(rid, body, stream, len(ids)))
         text, reason, tokens = await collect(stream)
@@ -236,7 +238,7 @@ def _generation_routes(router: APIRouter, state: ServeState) -> None:
             raise P.RequestError("The tokenizer has no chat template; use /v1/completions.", param="messages")
         ids = state.tokenizer.encode(state.tokenizer.chat_prompt([m.as_dict() for m in body.messages]))
         check_prompt(state, ids)
-        rid, stream = P.new_id("chatcmpl"), events(state, ids, adapter, params)
+        rid, stream = P.new_id("chatcmpl"), events(state, ids, adapter, params, body.stream)
         if body.stream:
             return sse(_chat_chunks(rid, body, stream, len(ids)))
         text, reason, tokens = await collect(stream)

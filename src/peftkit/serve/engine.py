@@ -52,6 +52,7 @@ class Request:
     params: SamplingParams
     emit: Callable[[Event], None]
     tokenizer: Any = None
+    streaming: bool = True  # False: one event at the end with the whole text (no wake-up of the caller per token)
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     stream: TextStream = field(init=False)
@@ -252,12 +253,14 @@ class Engine:
         total = len(request.prompt) + len(request.generated)
         if len(request.generated) >= request.params.max_tokens or total >= self.max_length:
             return self._finish(request, "length", text + request.stream.flush())
-        request.emit(Event(text=text, completion_tokens=len(request.generated)))
+        if request.streaming:
+            request.emit(Event(text=text, completion_tokens=len(request.generated)))
         return False
 
     def _finish(self, request: Request, reason: str, text: str) -> bool:
         self.registry.release(request.adapter)
-        request.emit(Event(text=text, finish_reason=reason, completion_tokens=len(request.generated)))
+        whole = text if request.streaming else request.stream.sent  # everything sent so far, ``text`` included
+        request.emit(Event(text=whole, finish_reason=reason, completion_tokens=len(request.generated)))
         return True
 
     def _drop(self, rows: list[int], finished: bool = False) -> None:
