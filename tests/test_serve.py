@@ -209,7 +209,7 @@ def test_concurrent_mixed_adapters_each_equal_its_solo_run(client, server):
     engine = server.state.engine
     engine.max_rows_seen = 0
     orders, sort_rows = [], engine._sort_rows
-    engine._sort_rows = lambda: (sort_rows(), orders.append([r.adapter for r in engine._running]))
+    engine._sort_rows = lambda rank: (sort_rows(rank), orders.append([r.adapter for r in engine._running]))
     hold = engine.call(lambda: time.sleep(0.5))  # the engine pauses: every request below queues, then all join at once
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:

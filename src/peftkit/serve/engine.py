@@ -185,7 +185,9 @@ class Engine:
             return f"adapter {request.adapter!r} failed to load: {err}"
 
     def _admit(self) -> None:
-        joiners = self._joining = sorted(self._take_joiners(), key=self._adapter_rank())  # the prefill, in place too
+        joiners = self._joining = self._take_joiners()  # may load adapters: the rank is read after
+        rank = self._adapter_rank()
+        joiners = self._joining = sorted(joiners, key=rank)  # the prefill reads its rows in place too
         if not joiners:
             return
         model, names = self._plan(joiners)
@@ -196,15 +198,14 @@ class Engine:
         alive = [i for i, (r, t) in enumerate(zip(joiners, tokens)) if not self._advance(r, t)]
         self._running += [joiners[i] for i in alive]
         self._kv = self._kv.stack(kv.keep(alive))
-        self._sort_rows()
+        self._sort_rows(rank)
         self.max_rows_seen = max(self.max_rows_seen, len(self._running))
 
-    def _sort_rows(self) -> None:
+    def _sort_rows(self, rank: Callable[[Request], int]) -> None:
         """Order the running rows by adapter, in the order the adapters were loaded (the order of each layer's
         factor stack): with as many rows per adapter, every per-row layer then reads the rows where they are
         instead of moving them in and out (methods/lora/rows.py). Rows leave without changing the order, so this
         copies the cache at admissions only, and only when the new rows are out of order."""
-        rank = self._adapter_rank()
         order = sorted(range(len(self._running)), key=lambda i: rank(self._running[i]))
         if order != list(range(len(order))):
             self._running = [self._running[i] for i in order]

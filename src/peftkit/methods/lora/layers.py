@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.core.layer import WrapsInPlace, registrations, weights_fixed
+from peftkit.core.layer import Routing, WrapsInPlace, registrations, weights_fixed
 from peftkit.core.targeting import is_conv1d_gpt2
 from peftkit.errors import ConfigError, MergeError
 from peftkit.methods.lora import autograd, dora, inits
@@ -111,8 +111,8 @@ class LoraLayer(WrapsInPlace):
 
     def bias_delta(self, adapter_name: str) -> torch.Tensor | None:
         """s c: what ``lora_bias`` adds to every output (out,), or None without a bias on B."""
-        b = getattr(self, self.adapter_param_names[1])[adapter_name]
-        c = getattr(b, "bias", None)  # a bare Parameter B (embeddings) has none
+        b = self._modules[self.adapter_param_names[1]][adapter_name]  # no attribute lookups: runs per call
+        c = b._parameters.get("bias") if isinstance(b, nn.Module) else None  # a bare Parameter B (embeddings): none
         return None if c is None else c * self.scaling[adapter_name]
 
     def check_mergeable(self, adapter_names: list[str]) -> None:
@@ -203,8 +203,9 @@ class LoraLayer(WrapsInPlace):
         super().delete_adapter(adapter_name)
         self._stack_cache = None  # its factors are not kept alive by the stack
 
-    def has_routed_adapters(self) -> bool:
-        return any(n in self.r for n in self.routing.names)
+    def has_routed_adapters(self, routing: Routing | None = None) -> bool:
+        """Whether ``routing`` (default: this call's) routes any row to one of this layer's adapters."""
+        return any(n in self.r for n in (routing or self.routing).names)
 
 
 class LoraLinear(LoraLayer):
@@ -279,7 +280,7 @@ class LoraLinear(LoraLayer):
         routing = None if self.disabled else self.routing
         routed = routing is not None
         live = self.live_adapters() if not routed else []
-        if not live and not (routed and any(n in self.r for n in routing.names)):
+        if not live and not (routed and self.has_routed_adapters(routing)):
             return self.base_layer(x, *args, **kwargs)
         if self._modules["lora_magnitude_vector"] and dora.uses_dora(self, routing.names if routed else live):
             return dora.forward(self, x, live, *args, **kwargs)
@@ -316,9 +317,9 @@ class LoraLinear(LoraLayer):
             h = lora_a(dropout(h) if dropout.training else h) * self.scaling[name]  # (N, r); eval: no dropout
             b_t = lora_b._parameters["weight"].T
             acc = torch.mm(h, b_t) if acc is None else torch.addmm(acc, h, b_t)  # (N, out)
-            c = lora_b._parameters.get("bias")
+            c = self.bias_delta(name)
             if c is not None:
-                acc = acc + c * self.scaling[name]
+                acc = acc + c
         return acc
 
     def _routed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -380,7 +381,7 @@ class LoraEmbedding(LoraLayer):
 
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         stack = self.stacked_factors(self.get_base_layer().weight.dtype)  # A (n, num, r), B (n, r, dim)
-        slots = torch.tensor([stack.slots.get(n, -1) for n in self.routing.names], dtype=torch.long, device=x.device)
+        slots = torch.tensor(stack.slots_of(self.routing.names), dtype=torch.long, device=x.device)
         rows = slots[self.routing.rows(x.shape[0])]  # (B,) stack slot, -1: the base model
         ids = x.reshape(x.shape[0], -1)  # (B, T)
         slot = rows.clamp(min=0)  # base-model rows read slot 0, zeroed below
